@@ -1,0 +1,29 @@
+# One command to install, one to test, one to run the demo.  See README.md.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+WORKDIR ?= workdirs/mnist
+
+.PHONY: venv test lint demo clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv lint
+	$(BIN)/python -m pytest
+
+demo: venv
+	$(BIN)/python main.py --config=configs/mnist.py --workdir=$(WORKDIR) --mode=train
+	$(BIN)/python main.py --config=configs/mnist.py --workdir=$(WORKDIR) --mode=sample
+
+clean:
+	rm -rf $(VENV) workdirs
