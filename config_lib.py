@@ -1,0 +1,150 @@
+"""The boundary between ml_collections configs and typed code: validation and typed arguments.
+
+`validate` runs before anything is compiled or loaded, and each problem is one line that names
+the field, the bad value and the fix. Flax modules and diffusion functions never see a
+ConfigDict: they get the typed arguments built here.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+import ml_collections
+
+SCHEDULES = ("linear", "cosine", "sigmoid")
+PREDICTIONS = ("eps", "x0", "v")
+VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
+LOSS_TYPES = ("simple", "hybrid", "vlb")
+WEIGHTINGS = ("none", "min_snr")
+SAMPLERS = ("ancestral", "ddim")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionArgs:
+    """Typed `config.diffusion`."""
+
+    schedule: str
+    num_timesteps: int
+    prediction: str
+    var_type: str
+    loss_type: str
+    vlb_weight: float
+    weighting: str
+    min_snr_gamma: float
+    p_uncond: float
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(value, legal, field: str) -> None:
+    _require(value in legal, f"{field}={value!r} is not supported. Fix: use one of {tuple(legal)}.")
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+    """Raises ConfigError on the first bad field. Cheap: no data, no compilation."""
+    d, m, o, tr, s = config.diffusion, config.model, config.optim, config.train, config.sample
+
+    _require(bool(config.data.name), "data.name is empty. Fix: --config.data.name=mnist_5k "
+             "(offline) or a tensorflow-datasets name such as cifar10.")
+    if config.data.name == "mnist_5k":
+        _require((config.data.image_size, config.data.num_channels) == (28, 1),
+                 f"data.name='mnist_5k' has 28x28x1 images, but data.image_size="
+                 f"{config.data.image_size}, data.num_channels={config.data.num_channels}. "
+                 f"Fix: --config.data.image_size=28 --config.data.num_channels=1.")
+
+    _one_of(d.schedule, SCHEDULES, "diffusion.schedule")
+    _require(d.num_timesteps >= 2, f"diffusion.num_timesteps={d.num_timesteps} must be >= 2.")
+    _one_of(d.prediction, PREDICTIONS, "diffusion.prediction")
+    _one_of(d.var_type, VAR_TYPES, "diffusion.var_type")
+    _one_of(d.loss_type, LOSS_TYPES, "diffusion.loss_type")
+    _one_of(d.weighting, WEIGHTINGS, "diffusion.weighting")
+    _require(d.loss_type != "hybrid" or d.var_type == "learned_range",
+             "diffusion.loss_type='hybrid' trains the variance, which needs "
+             "diffusion.var_type='learned_range'. Fix: set both, or use loss_type='simple'.")
+    _require(0.0 <= d.p_uncond < 1.0, f"diffusion.p_uncond={d.p_uncond} must be in [0, 1).")
+    _require(d.p_uncond == 0.0 or m.num_classes > 0,
+             f"diffusion.p_uncond={d.p_uncond} drops class labels, but model.num_classes=0. "
+             f"Fix: set --config.model.num_classes or --config.diffusion.p_uncond=0.")
+
+    _require(m.ch > 0, f"model.ch={m.ch} must be positive.")
+    _require(len(m.ch_mult) > 0 and all(c > 0 for c in m.ch_mult),
+             f"model.ch_mult={tuple(m.ch_mult)} must be a non-empty tuple of positive ints.")
+    for c in {m.ch * mult for mult in m.ch_mult}:
+        _require(c % m.num_groups == 0,
+                 f"model.num_groups={m.num_groups} does not divide the {c} channels of a level "
+                 f"(model.ch={m.ch}, ch_mult={tuple(m.ch_mult)}). Fix: pick a divisor of {c}.")
+    size = config.data.image_size
+    levels = len(m.ch_mult)
+    _require(size % 2 ** (levels - 1) == 0,
+             f"data.image_size={size} cannot be halved {levels - 1} times "
+             f"(model.ch_mult has {levels} levels). Fix: use fewer levels.")
+    resolutions = [size // 2**i for i in range(levels)]
+    for r in m.attn_resolutions:
+        _require(r in resolutions,
+                 f"model.attn_resolutions contains {r}, which is not one of this model's "
+                 f"resolutions {resolutions}. Fix: pick from those.")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
+    _one_of(m.dtype, DTYPES, "model.dtype")
+    _require(m.num_classes >= 0, f"model.num_classes={m.num_classes} must be >= 0.")
+
+    _require(o.lr > 0, f"optim.lr={o.lr} must be positive. Fix: e.g. --config.optim.lr=2e-4.")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0.")
+    _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 = off).")
+
+    _require(tr.batch_size > 0 and tr.batch_size % num_devices == 0,
+             f"train.batch_size={tr.batch_size} is not a positive multiple of the {num_devices} "
+             f"devices. Fix: use a multiple of {num_devices}.")
+    _require(tr.num_steps > 0, f"train.num_steps={tr.num_steps} must be positive.")
+    _require(0.0 <= tr.ema_decay < 1.0, f"train.ema_decay={tr.ema_decay} must be in [0, 1).")
+    k = tr.steps_per_dispatch
+    _require(k >= 1, f"train.steps_per_dispatch={k} must be >= 1.")
+    for field in ("log_every", "checkpoint_every", "sample_every", "num_steps"):
+        value = tr[field]
+        _require(value >= 0 and value % k == 0,
+                 f"train.{field}={value} must be a non-negative multiple of "
+                 f"train.steps_per_dispatch={k}. Fix: make it a multiple of {k}.")
+    _require(tr.log_every > 0 and tr.checkpoint_every > 0,
+             "train.log_every and train.checkpoint_every must be positive.")
+
+    _one_of(s.sampler, SAMPLERS, "sample.sampler")
+    _require(0 <= s.num_steps <= d.num_timesteps,
+             f"sample.num_steps={s.num_steps} must be in [0, diffusion.num_timesteps="
+             f"{d.num_timesteps}] (0 = all steps).")
+    _require(s.batch_size > 0 and s.batch_size % num_devices == 0,
+             f"sample.batch_size={s.batch_size} is not a positive multiple of the {num_devices} "
+             f"devices. Fix: use a multiple of {num_devices}.")
+    _require(s.num_samples > 0, f"sample.num_samples={s.num_samples} must be positive.")
+    _require(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0.")
+    _require(s.guidance_scale == 0 or (m.num_classes > 0 and d.p_uncond > 0),
+             f"sample.guidance_scale={s.guidance_scale} needs a model trained with the null "
+             f"label (model.num_classes > 0 and diffusion.p_uncond > 0). Fix: "
+             f"--config.sample.guidance_scale=0.")
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """Typed keyword arguments of `models.UNet` for this config."""
+    m = config.model
+    out_ch = config.data.num_channels * (2 if config.diffusion.var_type == "learned_range" else 1)
+    return dict(
+        ch=int(m.ch), out_ch=out_ch, ch_mult=tuple(int(c) for c in m.ch_mult),
+        num_res_blocks=int(m.num_res_blocks),
+        attn_resolutions=tuple(int(r) for r in m.attn_resolutions), dropout=float(m.dropout),
+        resamp_with_conv=bool(m.resamp_with_conv), num_groups=int(m.num_groups),
+        num_classes=int(m.num_classes), cond_dim=int(m.cond_dim), dtype=DTYPES[m.dtype],
+        remat=bool(m.remat))
+
+
+def diffusion_args(config: ml_collections.ConfigDict) -> DiffusionArgs:
+    d = config.diffusion
+    return DiffusionArgs(
+        schedule=str(d.schedule), num_timesteps=int(d.num_timesteps),
+        prediction=str(d.prediction), var_type=str(d.var_type), loss_type=str(d.loss_type),
+        vlb_weight=float(d.vlb_weight), weighting=str(d.weighting),
+        min_snr_gamma=float(d.min_snr_gamma), p_uncond=float(d.p_uncond))

@@ -1,0 +1,27 @@
+"""A seconds-long configuration for tests and smoke runs (any dataset via --config.data.*)."""
+
+import ml_collections
+
+from configs import mnist
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = mnist.get_config()
+    config.model.ch = 8
+    config.model.ch_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = ()
+    config.model.num_groups = 4
+    config.diffusion.num_timesteps = 100
+    config.optim.warmup_steps = 2
+    config.train.batch_size = 16
+    config.train.num_steps = 6
+    config.train.log_every = 2
+    config.train.checkpoint_every = 2
+    config.train.sample_every = 0
+    config.train.sample_num_steps = 5
+    config.sample.num_samples = 16
+    config.sample.batch_size = 16
+    config.sample.num_steps = 5
+    config.sample.guidance_scale = 0.0
+    return config

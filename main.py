@@ -1,0 +1,57 @@
+"""ddpm-jax: train, resume and sample denoising diffusion models.
+
+    python main.py --config=configs/mnist.py --workdir=workdirs/mnist            # train/resume
+    python main.py --config=configs/mnist.py --workdir=workdirs/mnist --mode=sample
+    python main.py --config=configs/cifar.py --workdir=DIR --config.optim.lr=1e-4  # overrides
+
+Multi-host (TPU pods, GPU clusters): launch the same command on every host with --multihost;
+jax.distributed.initialize() reads the cluster from the environment.
+"""
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import config_lib
+import generate
+import input_pipeline
+import train_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and samples go here.")
+flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 (multihost only; else detected from the cluster).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multihost only).")
+flags.DEFINE_integer("process_id", None, "This process's index (multihost only).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    if FLAGS.multihost:
+        # Cross-process collectives between CPU devices go through gloo (no effect on GPU/TPU).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    logging.info("JAX %s: process %d/%d, %d devices (%s).", jax.__version__, jax.process_index(),
+                 jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+    try:
+        if FLAGS.mode == "train":
+            train_lib.train(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "sample":
+            generate.generate(FLAGS.config, FLAGS.workdir)
+    except (config_lib.ConfigError, input_pipeline.DatasetNotAvailableError,
+            train_lib.NonFiniteLossError, FileNotFoundError) as e:
+        # The message already names the bad value and the fix; a traceback would bury it.
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,108 @@
+"""What a run shows: TensorBoard events (process 0 only), a progress line, PNG sample grids."""
+
+import os
+import time
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Images in [-1, 1] -> uint8 [0, 255] (rounded, clipped)."""
+    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
+    """uint8 [N, H, W, C] -> one uint8 [rows*(H+pad)+pad, ncols*(W+pad)+pad, C] image."""
+    n, h, w, c = images.shape
+    nrows = -(-n // ncols)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
+    """Writes uint8 [H, W, C] (C = 1 or 3) as PNG, enlarged `scale` times (nearest)."""
+    if scale > 1:
+        image = image.repeat(scale, axis=0).repeat(scale, axis=1)
+    if image.shape[-1] == 1:
+        image = image[..., 0]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Steps/s, images/s and ETA between calls of `update`."""
+
+    def __init__(self, start_step: int, total_steps: int, batch_size: int):
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+
+    def update(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        return {"steps_per_sec": steps_per_sec,
+                "images_per_sec": steps_per_sec * self.batch_size,
+                "eta_sec": (self.total_steps - step) / max(steps_per_sec, 1e-9)}
+
+    def line(self, step: int, scalars: dict[str, float], rates: dict[str, float]) -> str:
+        parts = [f"step {step}/{self.total_steps}"]
+        parts += [f"{k} {v:.4g}" for k, v in scalars.items()]
+        parts += [f"{rates['steps_per_sec']:.2f} steps/s",
+                  f"{rates['images_per_sec']:.1f} img/s",
+                  f"ETA {format_duration(rates['eta_sec'])}"]
+        return " | ".join(parts)
+
+
+class Writer:
+    """TensorBoard event files under `workdir/tensorboard`; a no-op on processes other than 0."""
+
+    def __init__(self, workdir: str, *, enabled: bool):
+        self._writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # only process 0 needs it
+
+            self._writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+
+    def scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if self._writer:
+            for name, value in scalars.items():
+                self._writer.add_scalar(name, float(value), step)
+
+    def image(self, step: int, name: str, image: np.ndarray) -> None:
+        """uint8 [H, W, C]."""
+        if self._writer:
+            self._writer.add_image(name, image, step, dataformats="HWC")
+
+    def hparams(self, flat_config: dict, config_json: str) -> None:
+        if self._writer:
+            self._writer.add_text("config", f"```\n{config_json}\n```", 0)
+            hparams = {k: (v if isinstance(v, int | float | str | bool) else str(v))
+                       for k, v in flat_config.items()}
+            self._writer.add_hparams(hparams, {}, run_name="hparams")
+
+    def flush(self) -> None:
+        if self._writer:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+
+
+def log_line(message: str) -> None:
+    logging.info(message)

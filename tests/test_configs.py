@@ -1,0 +1,74 @@
+"""Configs: each file builds and validates; each bad value is rejected before any compile."""
+
+import importlib
+
+import pytest
+
+import config_lib
+import train_lib
+from configs import cifar, tiny
+
+
+@pytest.mark.parametrize("name", ["default", "cifar", "mnist", "tiny"])
+def test_every_config_validates(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config_lib.validate(config, num_devices=1)
+    kwargs = config_lib.model_kwargs(config)
+    assert kwargs["out_ch"] == config.data.num_channels
+
+
+def test_cifar_is_the_paper_setting():
+    c = cifar.get_config()
+    assert (c.diffusion.num_timesteps, c.diffusion.schedule, c.diffusion.prediction,
+            c.diffusion.var_type) == (1000, "linear", "eps", "fixed_large")
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.grad_clip) == (2e-4, 5000, 1.0)
+    assert (c.train.batch_size, c.train.num_steps, c.train.ema_decay) == (128, 800_000, 0.9999)
+    assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks,
+            tuple(c.model.attn_resolutions), c.model.dropout) == (128, (1, 2, 2, 2), 2, (16,), 0.1)
+    assert c.data.random_flip
+
+
+def test_hyper_sweep_overrides_existing_fields():
+    for overrides in cifar.get_hyper():
+        config = cifar.get_config()
+        for dotted, value in overrides.items():
+            section, field = dotted.split(".")
+            assert field in config[section], dotted
+            config[section][field] = value
+        config_lib.validate(config, num_devices=1)
+
+
+BAD = [
+    ("diffusion.schedule", "quadratic", "diffusion.schedule='quadratic'"),
+    ("diffusion.prediction", "score", "diffusion.prediction='score'"),
+    ("diffusion.var_type", "learned", "diffusion.var_type='learned'"),
+    ("diffusion.loss_type", "hybrid", "needs diffusion.var_type='learned_range'"),
+    ("optim.lr", -1e-4, "optim.lr=-0.0001 must be positive"),
+    ("train.batch_size", 12, "train.batch_size=12 is not a positive multiple of the 8 devices"),
+    ("train.ema_decay", 1.5, "train.ema_decay=1.5"),
+    ("train.log_every", 3, "train.log_every=3 must be a non-negative multiple"),
+    ("data.name", "", "data.name is empty"),
+    ("data.image_size", 32, "data.name='mnist_5k' has 28x28x1 images"),
+    ("model.num_groups", 3, "model.num_groups=3 does not divide"),
+    ("model.attn_resolutions", (5,), "model.attn_resolutions contains 5"),
+    ("model.dtype", "float16", "model.dtype='float16'"),
+    ("model.num_classes", 0, "diffusion.p_uncond=0.1 drops class labels"),
+    ("sample.sampler", "euler", "sample.sampler='euler'"),
+    ("sample.num_steps", 5000, "sample.num_steps=5000"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_is_rejected_before_compiling(field, value, message, tmp_path, monkeypatch):
+    config = tiny.get_config()
+    config.train.steps_per_dispatch = 2 if field == "train.log_every" else 1
+    section, name = field.split(".")
+    config[section][name] = value
+    compiled = []
+    monkeypatch.setattr(train_lib.jax, "jit", lambda *a, **k: compiled.append(a))
+    with pytest.raises(config_lib.ConfigError) as info:
+        train_lib.train(config, str(tmp_path))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not compiled, "a bad config reached jax.jit"
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,324 @@
+"""The one trainer: `train(config, workdir)`.
+
+Phases, in order: validate the config -> open the data -> mesh -> model, optimiser, schedule ->
+restore or initialise the state -> the jitted update step -> the loop (log, checkpoint, sample,
+preemption) -> final save.
+
+Invariants that make runs reproducible and resumable:
+* The update step is a pure function `(state, batches) -> (state, metrics)`, jitted once with
+  the state donated. Its randomness is `fold_in(fold_in(seed_key, step), ...)`: no key is
+  stored, so step s draws the same t, noise and dropout whether or not the run was resumed.
+* The batch at step s is a pure function of (data seed, s) (see input_pipeline), so the data
+  position in a checkpoint is just the step.
+* Random numbers are drawn for the *global* batch inside jit; with partitionable threefry they
+  do not depend on how the batch is sharded, so 8 devices compute what 1 device computes.
+"""
+
+import functools
+import os
+import signal
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import checkpointing
+import config_lib
+import input_pipeline
+import metric_logging
+import sampling_lib
+from diffusion import gaussian, losses, schedules
+from models import UNet
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN/Inf; the last good checkpoint is left untouched."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array        # [] int32: number of updates applied
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+# --- mesh ----------------------------------------------------------------------------------------
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh over every device of every process."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+
+
+# --- model, optimiser, schedule -----------------------------------------------------------------
+
+def create_model(config: ml_collections.ConfigDict) -> UNet:
+    return UNet(**config_lib.model_kwargs(config))
+
+
+def learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0 to optim.lr over optim.warmup_steps, then constant (DDPM)."""
+    o = config.optim
+    if o.warmup_steps == 0:
+        return optax.constant_schedule(o.lr)
+    return optax.linear_schedule(0.0, o.lr, o.warmup_steps)
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    o = config.optim
+    adam = optax.adam(learning_rate_fn(config), b1=o.beta1, b2=o.beta2, eps=o.eps)
+    if o.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(o.grad_clip), adam)
+    return adam
+
+
+def init_state(model: UNet, optimizer: optax.GradientTransformation, key: jax.Array,
+               image_shape: tuple[int, ...]) -> TrainState:
+    """Fresh parameters; the EMA starts equal to them."""
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    cond = jnp.zeros((1, model.cond_dim), jnp.float32) if model.cond_dim else None
+    params = model.init({"params": key}, x, t, y, cond, train=False)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=optimizer.init(params))
+
+
+# --- the update step -----------------------------------------------------------------------------
+
+def loss_fn(params, model: UNet, schedule: schedules.Schedule, args: config_lib.DiffusionArgs,
+            batch: dict[str, jax.Array], key: jax.Array):
+    """L for one batch: x_t = q_sample(x0, t, ε) at t ~ U{0..T-1}; loss on the model output."""
+    x0 = batch["image"]                                    # [B, H, W, C]
+    b = x0.shape[0]
+    k_t, k_noise, k_drop, k_uncond = jax.random.split(key, 4)
+    t = jax.random.randint(k_t, (b,), 0, args.num_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    x_t = gaussian.q_sample(schedule, x0, t, noise)
+    y = None
+    if model.num_classes:
+        y = batch["label"]
+        if args.p_uncond > 0:  # classifier-free guidance: sometimes train ε(x_t, ∅)
+            drop = jax.random.bernoulli(k_uncond, args.p_uncond, (b,))
+            y = jnp.where(drop, model.num_classes, y)
+    out = model.apply({"params": params}, x_t, t, y, train=True, rngs={"dropout": k_drop})
+    terms = losses.training_losses(
+        schedule, out, x0, x_t, t, noise, prediction=args.prediction, var_type=args.var_type,
+        loss_type=args.loss_type, vlb_weight=args.vlb_weight, weighting=args.weighting,
+        min_snr_gamma=args.min_snr_gamma)
+    return jnp.mean(terms["loss"]), {k: jnp.mean(v) for k, v in terms.items()}
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
+               optimizer: optax.GradientTransformation, schedule: schedules.Schedule,
+               args: config_lib.DiffusionArgs, ema_decay: float, lr_fn: optax.Schedule,
+               base_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    key = jax.random.fold_in(base_key, state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, terms), grads = grad_fn(state.params, model, schedule, args, batch, key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                              state.ema_params, params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), "lr": lr_fn(state.step), **terms}
+    new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
+                           opt_state=opt_state)
+    return new_state, metrics
+
+
+def train_steps(state: TrainState, batches: dict[str, jax.Array], **kwargs):
+    """`steps_per_dispatch` updates in one call: batches have a leading [K] axis."""
+    step = functools.partial(train_step, **kwargs)
+    return jax.lax.scan(lambda s, b: step(s, b), state, batches)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can save and exit cleanly at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint, then exiting.")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self.requested))
+        return bool(np.any(flags))
+
+
+def _global_batches(source, config, step: int, k: int, sharding: NamedSharding) -> dict:
+    """K consecutive global batches as global arrays [K, B, ...], this process's rows local."""
+    b = config.train.batch_size
+    rows = input_pipeline.process_rows(b, jax.process_index(), jax.process_count())
+    local = [input_pipeline.get_batch(source, seed=config.seed, step=step + i, batch_size=b,
+                                      random_flip=config.data.random_flip, rows=rows)
+             for i in range(k)]
+    stacked = {name: np.stack([x[name] for x in local]) for name in local[0]}
+    return {name: jax.make_array_from_process_local_data(
+        sharding, value, (k, b, *value.shape[2:])) for name, value in stacked.items()}
+
+
+def _check_finite(history: list[tuple[int, dict]]) -> None:
+    """history: (first step, metrics with a leading [K] axis) per dispatch, on the host."""
+    for first_step, metrics in history:
+        for name in ("loss", "grad_norm"):
+            bad = np.flatnonzero(~np.isfinite(metrics[name]))
+            if bad.size:
+                raise NonFiniteLossError(
+                    f"train/{name} is {metrics[name][bad[0]]} at step {first_step + bad[0] + 1}; "
+                    f"stopping. The last "
+                    f"checkpoint before it is intact. Fix: lower --config.optim.lr, or check "
+                    f"the data (NaN pixels?).")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (or resumes) in `workdir` until config.train.num_steps; returns the final state."""
+    # Validate everything and open the data before anything is compiled.
+    config_lib.validate(config, num_devices=jax.device_count())
+    source = input_pipeline.load(config.data.name, config.data.split, config.data.data_dir)
+    input_pipeline.check_shape(source, config.data.image_size, config.data.num_channels,
+                               config.data.name)
+    tr = config.train
+    k = tr.steps_per_dispatch
+
+    mesh = make_mesh()
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(None, "data"))
+
+    model = create_model(config)
+    optimizer = create_optimizer(config)
+    args = config_lib.diffusion_args(config)
+    schedule = schedules.schedule_from_name(args.schedule, args.num_timesteps)
+    seed_key = jax.random.key(config.seed)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+
+    init_fn = functools.partial(init_state, model, optimizer, image_shape=image_shape)
+    abstract_state = jax.eval_shape(init_fn, jax.random.fold_in(seed_key, -1))
+    abstract_state = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)
+
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=tr.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore(latest, abstract_state)
+        expected = latest * tr.batch_size
+        if meta.get("examples_seen") != expected:
+            raise ValueError(
+                f"Checkpoint {latest} in {ckpt.directory} saw {meta.get('examples_seen')} "
+                f"examples but train.batch_size={tr.batch_size} implies {expected}. Fix: resume "
+                f"with the batch size it was trained with, or use a new --workdir.")
+        logging.info("Resumed from step %d in %s.", latest, ckpt.directory)
+    else:
+        state = jax.jit(init_fn, out_shardings=replicated)(jax.random.fold_in(seed_key, -1))
+    start_step = int(jax.device_get(state.step))
+
+    update = jax.jit(
+        functools.partial(train_steps, model=model, optimizer=optimizer, schedule=schedule,
+                          args=args, ema_decay=tr.ema_decay, lr_fn=learning_rate_fn(config),
+                          base_key=jax.random.fold_in(seed_key, 0)),
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0)
+
+    sampler = None
+    if tr.sample_every:
+        sampler = sampling_lib.GridSampler(config, model, schedule, mesh,
+                                           num_steps=tr.sample_num_steps)
+
+    writer = metric_logging.Writer(workdir, enabled=jax.process_index() == 0)
+    if start_step == 0:
+        writer.hparams(dict(_flatten(config.to_dict())), checkpointing.config_to_json(config))
+    progress = metric_logging.Progress(start_step, tr.num_steps, tr.batch_size)
+    preemption = _Preemption()
+
+    def meta(step: int) -> dict:
+        return {"step": step, "examples_seen": step * tr.batch_size,
+                "config": checkpointing.config_to_json(config)}
+
+    history: list[tuple[int, Any]] = []  # (first step, device metrics) not yet checked
+    step = start_step
+    try:
+        while step < tr.num_steps:
+            batches = _global_batches(source, config, step, k, batch_sharding)
+            state, metrics = update(state, batches)
+            history.append((step, metrics))
+            step += k
+
+            stop = preemption.requested or (step % tr.log_every == 0
+                                            and preemption.any_process())
+            save = step % tr.checkpoint_every == 0 or step == tr.num_steps or stop
+            if step % tr.log_every == 0 or save:
+                fetched = jax.device_get(history)
+                history = []
+                _check_finite(fetched)  # before any save: a NaN state is never checkpointed
+                last = {f"train/{n}": float(v[-1]) for n, v in fetched[-1][1].items()}
+                rates = progress.update(step)
+                writer.scalars(step, {**last, **{f"train/{n}": v for n, v in rates.items()
+                                                 if n != "eta_sec"}})
+                logging.info(progress.line(step, {"loss": last["train/loss"]}, rates))
+            if save:
+                ckpt.save(step, state, meta(step), force=True)
+            if sampler and step % tr.sample_every == 0:
+                grid = sampler.grid(state.ema_params, seed=step)
+                writer.image(step, "samples/ema", grid)
+            if stop:
+                logging.info("Preempted: saved step %d; exiting cleanly.", step)
+                break
+    finally:
+        ckpt.wait_until_finished()
+        ckpt.close()
+        writer.close()
+        preemption.restore()
+    return state
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str, *,
+                   use_ema: bool = True) -> tuple[UNet, Any, int]:
+    """(model, replicated params, step) of the latest checkpoint in workdir, for sampling/eval."""
+    config_lib.validate(config, num_devices=jax.device_count())
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints,
+                                      read_only=True)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"No checkpoint in {ckpt.directory}. Fix: train first (--mode=train with the same "
+            f"--workdir), or point --workdir at a trained run.")
+    model = create_model(config)
+    replicated = NamedSharding(make_mesh(), P())
+    image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    abstract_state = jax.eval_shape(
+        functools.partial(init_state, model, create_optimizer(config), image_shape=image_shape),
+        jax.random.key(0))
+    abstract_state = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)
+    state, _ = ckpt.restore(step, abstract_state)
+    ckpt.close()
+    return model, (state.ema_params if use_ema else state.params), step
