@@ -1,0 +1,133 @@
+"""The DDPM UNet's building blocks: ResBlock, AttnBlock, Downsample, Upsample.
+
+Each block is `diffusion_tf/models/unet.py` (Ho et al. 2020) line for line, with the same
+parameter names (norm1, conv1, temb_proj, norm2, conv2, nin_shortcut; norm, q, k, v, proj_out;
+conv), so DDPM / diffusers checkpoints map onto this tree one to one. Tensors are NHWC.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.layers import Conv3x3, group_norm, nin
+
+
+class ResBlock(nn.Module):
+    """Timestep-conditioned residual block.
+
+        h = conv1(swish(norm1(x))) + temb_proj(swish(temb))[:, None, None, :]
+        h = conv2(dropout(swish(norm2(h))))            # conv2 zero-initialised
+        out = nin_shortcut(x) + h                      # 1x1 shortcut only if Cin != out_ch
+
+    Attributes:
+      out_ch: output channels.
+      dropout: dropout rate before conv2 (uses the "dropout" rng collection when train=True).
+      num_groups: GroupNorm groups (must divide Cin and out_ch).
+      dtype: compute dtype.
+    """
+
+    out_ch: int
+    dropout: float
+    num_groups: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
+        """x [B, H, W, Cin], temb [B, E] -> [B, H, W, out_ch].
+
+        `train` is positional (not keyword-only) so `nn.remat(ResBlock, static_argnums=(3,))`
+        can mark it static.
+        """
+        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm1")(x))
+        h = Conv3x3(self.out_ch, dtype=self.dtype, name="conv1")(h)
+        h = h + nin(self.out_ch, self.dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
+        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm2")(h))
+        h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
+        h = Conv3x3(self.out_ch, init_scale=0.0, dtype=self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.out_ch:
+            x = nin(self.out_ch, self.dtype, "nin_shortcut")(x)
+        return x.astype(self.dtype) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with a residual connection.
+
+        q, k, v = nin(norm(x))                                   # [B, HW, C] each
+        w = softmax_j(q_i . k_j / sqrt(C))                       # [B, HW, HW], over all positions
+        out = x + proj_out(w @ v)                                # proj_out zero-initialised
+
+    The logits and softmax are computed in float32 whatever `dtype` is.
+
+    Attributes:
+      num_groups: GroupNorm groups.
+      dtype: compute dtype.
+    """
+
+    num_groups: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, C] -> [B, H, W, C]."""
+        b, hgt, wid, c = x.shape
+        h = group_norm(self.num_groups, self.dtype, "norm")(x)
+        q = nin(c, self.dtype, "q")(h).reshape(b, hgt * wid, c)
+        k = nin(c, self.dtype, "k")(h).reshape(b, hgt * wid, c)
+        v = nin(c, self.dtype, "v")(h).reshape(b, hgt * wid, c)
+        logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32)
+        w = jax.nn.softmax(logits * (c**-0.5), axis=-1).astype(self.dtype)  # [B, HW, HW]
+        h = jnp.einsum("bij,bjc->bic", w, v).reshape(b, hgt, wid, c)
+        h = nin(c, self.dtype, "proj_out", init_scale=0.0)(h)
+        return x.astype(self.dtype) + h
+
+
+class Downsample(nn.Module):
+    """Halve H and W: 3x3 stride-2 conv (DDPM's TF "SAME" padding) or 2x2 average pooling.
+
+    Even sizes give exactly H / 2; odd sizes give ceil(H / 2) (the pooling then averages only
+    the real pixels of the border windows, as TF's SAME avg_pool does).
+
+    Attributes:
+      with_conv: conv (True, DDPM default) or average pooling (False).
+      dtype: compute dtype.
+    """
+
+    with_conv: bool
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]."""
+        if self.with_conv:
+            return Conv3x3(x.shape[-1], strides=2, dtype=self.dtype, name="conv")(x)
+        return nn.avg_pool(
+            x.astype(self.dtype), (2, 2), strides=(2, 2), padding="SAME", count_include_pad=False
+        )
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling, cropped to the skip's size, then an optional 3x3 conv.
+
+    The crop makes odd sizes round-trip: a 7x7 map is downsampled to 4x4, upsampled to 8x8 and
+    cropped back to 7x7 so it can be concatenated with the 7x7 skip. For even sizes no crop
+    happens and this is DDPM's `upsample` exactly.
+
+    Attributes:
+      with_conv: apply a 3x3 conv after resizing (DDPM default True).
+      dtype: compute dtype.
+    """
+
+    with_conv: bool
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+        """x [B, H, W, C] -> [B, out_hw[0], out_hw[1], C] with out_hw in {2H - 1, 2H} x {...}."""
+        _, hgt, wid, _ = x.shape
+        if not (2 * hgt - 1 <= out_hw[0] <= 2 * hgt and 2 * wid - 1 <= out_hw[1] <= 2 * wid):
+            raise ValueError(f"Upsample from {(hgt, wid)} cannot reach {out_hw} by x2 + crop.")
+        x = jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
+        x = x[:, : out_hw[0], : out_hw[1], :]
+        if self.with_conv:
+            x = Conv3x3(x.shape[-1], dtype=self.dtype, name="conv")(x)
+        return x

@@ -1,0 +1,115 @@
+"""Primitive layers shared by the DDPM UNet and the noise-aware classifier.
+
+Everything here mirrors `diffusion_tf/nn.py` and `diffusion_tf/models/unet.py` of Ho et al. (2020):
+
+* `default_init(scale)`: variance_scaling(scale, "fan_avg", "uniform"); `scale=0` means 1e-10,
+  DDPM's "zero" initialisation (tiny but not exactly zero).
+* `get_timestep_embedding`: the transformer sinusoid, first half sin, second half cos.
+* `Conv3x3`: *every* 3x3 convolution of the models goes through this module, so a faster CPU
+  formulation (e.g. im2col + matmul) can be swapped in here without touching the networks. It
+  owns its parameters (`kernel` [3, 3, Cin, Cout], `bias` [Cout]) so the parameter tree stays
+  `.../conv1/kernel` like DDPM's checkpoints, whatever the implementation.
+* `group_norm`: DDPM's `normalize` (32 groups, eps 1e-6), statistics always in float32.
+* `nin`: DDPM's 1x1 "network-in-network" layer, a Dense over the channel axis.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = jax.nn.initializers.Initializer
+
+
+def default_init(scale: float = 1.0) -> Initializer:
+    """DDPM's `default_init`: uniform variance scaling with fan_avg; `scale=0` -> 1e-10."""
+    return nn.initializers.variance_scaling(
+        1e-10 if scale == 0 else scale, mode="fan_avg", distribution="uniform"
+    )
+
+
+def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int) -> jax.Array:
+    """Sinusoidal timestep embedding exactly as DDPM (`diffusion_tf/nn.py`).
+
+    emb[b, i]          = sin(t_b * 10000^(-i / (half - 1))),  i < half = embedding_dim // 2
+    emb[b, half + i]   = cos(t_b * 10000^(-i / (half - 1)))
+    (a zero column is appended when embedding_dim is odd).
+
+    Args:
+      timesteps: [B] int or float timesteps.
+      embedding_dim: width D of the embedding (>= 4 so that half - 1 > 0).
+
+    Returns:
+      [B, D] float32; always float32 because t up to ~1000 must not be rounded to bfloat16.
+    """
+    if timesteps.ndim != 1:
+        raise ValueError(f"timesteps must have shape [B], got {timesteps.shape}.")
+    if embedding_dim < 4:
+        raise ValueError(f"embedding_dim must be >= 4, got {embedding_dim}.")
+    half_dim = embedding_dim // 2
+    freq = math.log(10000) / (half_dim - 1)
+    freq = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -freq)  # [half]
+    args = timesteps.astype(jnp.float32)[:, None] * freq[None, :]  # [B, half]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)  # [B, 2 * half]
+    if embedding_dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class Conv3x3(nn.Module):
+    """3x3 convolution, NHWC, with DDPM's padding.
+
+    stride 1: pad 1 on every side (output size = input size).
+    stride 2: TensorFlow "SAME" padding as DDPM's downsample: for even H the pad is (0, 1), i.e.
+      only bottom/right, so out = H / 2 (diffusers pads (0, 1, 0, 1) explicitly, same result);
+      for odd H it is (1, 1) and out = (H + 1) / 2.
+
+    Attributes:
+      features: output channels Cout.
+      strides: 1 or 2 (both spatial axes).
+      init_scale: `default_init` scale of the kernel; 0 gives DDPM's zero init (1e-10).
+      dtype: compute dtype; parameters are stored in float32.
+    """
+
+    features: int
+    strides: int = 1
+    init_scale: float = 1.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, Cin] -> [B, H', W', Cout] in `dtype` (H' = H for stride 1, ceil(H/2) for 2)."""
+        if self.strides not in (1, 2):
+            raise ValueError(f"Conv3x3 supports strides 1 or 2, got {self.strides}.")
+        kernel = self.param(
+            "kernel", default_init(self.init_scale), (3, 3, x.shape[-1], self.features), jnp.float32
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        padding = ((1, 1), (1, 1)) if self.strides == 1 else "SAME"
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            window_strides=(self.strides, self.strides),
+            padding=padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + bias.astype(self.dtype)
+
+
+def group_norm(num_groups: int, dtype: jnp.dtype, name: str) -> nn.GroupNorm:
+    """DDPM's `normalize`: GroupNorm over (H, W, C/groups), eps 1e-6, float32 statistics."""
+    return nn.GroupNorm(
+        num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name
+    )
+
+
+def nin(features: int, dtype: jnp.dtype, name: str, init_scale: float = 1.0) -> nn.Dense:
+    """DDPM's `nin` (1x1 conv) and `dense`: a Dense on the last axis with `default_init`."""
+    return nn.Dense(
+        features,
+        kernel_init=default_init(init_scale),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
