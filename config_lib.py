@@ -68,6 +68,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _require(d.loss_type != "hybrid" or d.var_type == "learned_range",
              "diffusion.loss_type='hybrid' trains the variance, which needs "
              "diffusion.var_type='learned_range'. Fix: set both, or use loss_type='simple'.")
+    _require(d.loss_type != "simple" or d.var_type != "learned_range",
+             "diffusion.var_type='learned_range' is only trained by the bound term. Fix: "
+             "diffusion.loss_type='hybrid' (iDDPM) or 'vlb', or a fixed var_type.")
+    _require(d.weighting != "min_snr" or d.loss_type != "vlb",
+             "diffusion.weighting='min_snr' re-weights the MSE term, which loss_type='vlb' has "
+             "not. Fix: diffusion.loss_type='simple' or 'hybrid', or weighting='none'.")
+    _require(d.schedule != "linear" or d.num_timesteps > 20,
+             f"diffusion.schedule='linear' scales beta_end = 0.02 * 1000 / T, which reaches 1 "
+             f"for diffusion.num_timesteps={d.num_timesteps}. Fix: T > 20 or schedule='cosine'.")
     _require(0.0 <= d.p_uncond < 1.0, f"diffusion.p_uncond={d.p_uncond} must be in [0, 1).")
     _require(d.p_uncond == 0.0 or m.num_classes > 0,
              f"diffusion.p_uncond={d.p_uncond} drops class labels, but model.num_classes=0. "

@@ -8,6 +8,7 @@ Multi-host (TPU pods, GPU clusters): launch the same command on every host with 
 jax.distributed.initialize() reads the cluster from the environment.
 """
 
+import logging as logging_std
 import sys
 
 import jax
@@ -31,8 +32,15 @@ flags.DEFINE_integer("process_id", None, "This process's index (multihost only).
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_libraries(record: logging_std.LogRecord) -> bool:
+    """Keeps the progress readable: orbax and tfds INFO lines are dropped, warnings kept."""
+    noisy = ("/orbax/", "/tensorflow_datasets/")
+    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in noisy)
+
+
 def main(argv):
     del argv
+    logging.get_absl_handler().addFilter(_quiet_libraries)
     if FLAGS.multihost:
         # Cross-process collectives between CPU devices go through gloo (no effect on GPU/TPU).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

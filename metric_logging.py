@@ -93,7 +93,7 @@ class Writer:
             self._writer.add_text("config", f"```\n{config_json}\n```", 0)
             hparams = {k: (v if isinstance(v, int | float | str | bool) else str(v))
                        for k, v in flat_config.items()}
-            self._writer.add_hparams(hparams, {}, run_name="hparams")
+            self._writer.add_hparams(hparams, {}, name="hparams")
 
     def flush(self) -> None:
         if self._writer:

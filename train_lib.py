@@ -15,7 +15,6 @@ Invariants that make runs reproducible and resumable:
 """
 
 import functools
-import os
 import signal
 from typing import Any
 
@@ -127,8 +126,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
     params = optax.apply_updates(state.params, updates)
     ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                               state.ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "lr": lr_fn(state.step), **terms}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params), "lr": lr_fn(state.step), **terms}
     new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
                            opt_state=opt_state)
     return new_state, metrics
@@ -209,11 +208,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     optimizer = create_optimizer(config)
     args = config_lib.diffusion_args(config)
     schedule = schedules.schedule_from_name(args.schedule, args.num_timesteps)
-    seed_key = jax.random.key(config.seed)
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
     image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
 
     init_fn = functools.partial(init_state, model, optimizer, image_shape=image_shape)
-    abstract_state = jax.eval_shape(init_fn, jax.random.fold_in(seed_key, -1))
+    abstract_state = jax.eval_shape(init_fn, init_key)
     abstract_state = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)
 
@@ -229,13 +228,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 f"with the batch size it was trained with, or use a new --workdir.")
         logging.info("Resumed from step %d in %s.", latest, ckpt.directory)
     else:
-        state = jax.jit(init_fn, out_shardings=replicated)(jax.random.fold_in(seed_key, -1))
+        state = jax.jit(init_fn, out_shardings=replicated)(init_key)
     start_step = int(jax.device_get(state.step))
 
     update = jax.jit(
         functools.partial(train_steps, model=model, optimizer=optimizer, schedule=schedule,
                           args=args, ema_decay=tr.ema_decay, lr_fn=learning_rate_fn(config),
-                          base_key=jax.random.fold_in(seed_key, 0)),
+                          base_key=train_key),
         in_shardings=(replicated, batch_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=0)

@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.batch_size = 128           # global batch, split over all devices of all processes
     train.num_steps = 800_000
     train.ema_decay = 0.9999
-    train.steps_per_dispatch = 1     # train steps per jitted call (lax.scan); divides every interval
+    train.steps_per_dispatch = 1     # updates per jitted call (lax.scan); divides every interval
     train.log_every = 100
     train.checkpoint_every = 5000
     train.keep_checkpoints = 3

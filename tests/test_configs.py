@@ -43,6 +43,8 @@ BAD = [
     ("diffusion.prediction", "score", "diffusion.prediction='score'"),
     ("diffusion.var_type", "learned", "diffusion.var_type='learned'"),
     ("diffusion.loss_type", "hybrid", "needs diffusion.var_type='learned_range'"),
+    ("diffusion.var_type", "learned_range", "only trained by the bound term"),
+    ("diffusion.num_timesteps", 10, "diffusion.num_timesteps=10"),
     ("optim.lr", -1e-4, "optim.lr=-0.0001 must be positive"),
     ("train.batch_size", 12, "train.batch_size=12 is not a positive multiple of the 8 devices"),
     ("train.ema_decay", 1.5, "train.ema_decay=1.5"),

@@ -1,4 +1,4 @@
-"""Data: the offline MNIST digits, tfds through mock_data, and a batch order that resumes exactly."""
+"""Data: offline MNIST digits, tfds through mock_data, a batch order that resumes exactly."""
 
 import time
 

@@ -30,8 +30,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DEVICE_TOLERANCE = 1e-4
 
 
+# The runs below compile the same tiny train step many times; a persistent compilation cache
+# shared by the subprocesses of one session compiles it once per device count.
+_CACHE = pathlib.Path(os.environ.get("DDPM_TEST_CACHE", "/tmp/ddpm_jax_test_compile_cache"))
+
+
 def _env(num_devices: int) -> dict:
     env = dict(os.environ)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
