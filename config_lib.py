@@ -15,8 +15,10 @@ PREDICTIONS = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
 LOSS_TYPES = ("simple", "hybrid", "vlb")
 WEIGHTINGS = ("none", "min_snr")
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = ("ancestral", "ddim", "dpm_solver_pp_2m")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EVAL_CONDITIONS = ("label", "null")
+FEATURE_NETS = ("inception_v3", "mnist_classifier")
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,27 @@ def _require(ok: bool, message: str) -> None:
 
 def _one_of(value, legal, field: str) -> None:
     _require(value in legal, f"{field}={value!r} is not supported. Fix: use one of {tuple(legal)}.")
+
+
+def _validate_network(n: ml_collections.ConfigDict, name: str, size: int) -> None:
+    """The architecture fields shared by the UNet (`model`) and the classifier (`classifier`)."""
+    _require(n.ch > 0, f"{name}.ch={n.ch} must be positive.")
+    _require(len(n.ch_mult) > 0 and all(c > 0 for c in n.ch_mult),
+             f"{name}.ch_mult={tuple(n.ch_mult)} must be a non-empty tuple of positive ints.")
+    for c in {n.ch * mult for mult in n.ch_mult}:
+        _require(c % n.num_groups == 0,
+                 f"{name}.num_groups={n.num_groups} does not divide the {c} channels of a level "
+                 f"({name}.ch={n.ch}, ch_mult={tuple(n.ch_mult)}). Fix: pick a divisor of {c}.")
+    levels = len(n.ch_mult)
+    _require(size % 2 ** (levels - 1) == 0,
+             f"data.image_size={size} cannot be halved {levels - 1} times "
+             f"({name}.ch_mult has {levels} levels). Fix: use fewer levels.")
+    resolutions = [size // 2**i for i in range(levels)]
+    for r in n.attn_resolutions:
+        _require(r in resolutions,
+                 f"{name}.attn_resolutions contains {r}, which is not one of this model's "
+                 f"resolutions {resolutions}. Fix: pick from those.")
+    _require(0.0 <= n.dropout < 1.0, f"{name}.dropout={n.dropout} must be in [0, 1).")
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
@@ -82,24 +105,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
              f"diffusion.p_uncond={d.p_uncond} drops class labels, but model.num_classes=0. "
              f"Fix: set --config.model.num_classes or --config.diffusion.p_uncond=0.")
 
-    _require(m.ch > 0, f"model.ch={m.ch} must be positive.")
-    _require(len(m.ch_mult) > 0 and all(c > 0 for c in m.ch_mult),
-             f"model.ch_mult={tuple(m.ch_mult)} must be a non-empty tuple of positive ints.")
-    for c in {m.ch * mult for mult in m.ch_mult}:
-        _require(c % m.num_groups == 0,
-                 f"model.num_groups={m.num_groups} does not divide the {c} channels of a level "
-                 f"(model.ch={m.ch}, ch_mult={tuple(m.ch_mult)}). Fix: pick a divisor of {c}.")
-    size = config.data.image_size
-    levels = len(m.ch_mult)
-    _require(size % 2 ** (levels - 1) == 0,
-             f"data.image_size={size} cannot be halved {levels - 1} times "
-             f"(model.ch_mult has {levels} levels). Fix: use fewer levels.")
-    resolutions = [size // 2**i for i in range(levels)]
-    for r in m.attn_resolutions:
-        _require(r in resolutions,
-                 f"model.attn_resolutions contains {r}, which is not one of this model's "
-                 f"resolutions {resolutions}. Fix: pick from those.")
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
+    _validate_network(m, "model", config.data.image_size)
     _one_of(m.dtype, DTYPES, "model.dtype")
     _require(m.num_classes >= 0, f"model.num_classes={m.num_classes} must be >= 0.")
 
@@ -135,6 +141,91 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
              f"sample.guidance_scale={s.guidance_scale} needs a model trained with the null "
              f"label (model.num_classes > 0 and diffusion.p_uncond > 0). Fix: "
              f"--config.sample.guidance_scale=0.")
+    _require(s.progress_every >= 0, f"sample.progress_every={s.progress_every} must be >= 0.")
+    _require(s.classifier_scale >= 0,
+             f"sample.classifier_scale={s.classifier_scale} must be >= 0 (0 = off).")
+    c = config.classifier
+    _require(s.classifier_scale == 0 or m.num_classes in (0, c.num_classes),
+             f"sample.classifier_scale={s.classifier_scale} guides the model's labels with the "
+             f"classifier's, but model.num_classes={m.num_classes} != classifier.num_classes="
+             f"{c.num_classes}. Fix: --config.classifier.num_classes={m.num_classes}.")
+    num_labels = m.num_classes or (c.num_classes if s.classifier_scale > 0 else 0)
+    _validate_labels(s.labels, num_labels)
+    _require(s.sweep_per_class > 0, f"sample.sweep_per_class={s.sweep_per_class} must be > 0.")
+    _require(len(s.sweep_scales) > 0 and all(w >= 0 for w in s.sweep_scales),
+             f"sample.sweep_scales={tuple(s.sweep_scales)} must be a non-empty tuple of "
+             f"guidance scales >= 0.")
+    _validate_eval(config, num_devices)
+
+
+def _validate_eval(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """config.eval: --mode=eval and the periodic estimates during training."""
+    e, k = config.eval, config.train.steps_per_dispatch
+    _require(e.batch_size > 0 and e.batch_size % num_devices == 0,
+             f"eval.batch_size={e.batch_size} is not a positive multiple of the {num_devices} "
+             f"devices. Fix: use a multiple of {num_devices}.")
+    _one_of(e.bpd_condition, EVAL_CONDITIONS, "eval.bpd_condition")
+    _require(e.bpd_condition != "null"
+             or (config.model.num_classes > 0 and config.diffusion.p_uncond > 0),
+             "eval.bpd_condition='null' needs a model trained with the null label "
+             "(model.num_classes > 0, diffusion.p_uncond > 0). Fix: eval.bpd_condition='label'.")
+    _one_of(e.feature_net, FEATURE_NETS, "eval.feature_net")
+    _require(e.feature_net != "mnist_classifier"
+             or (config.data.image_size, config.data.num_channels) == (28, 1),
+             "eval.feature_net='mnist_classifier' takes 28x28x1 digits. Fix: "
+             "--config.eval.feature_net=inception_v3 for other images.")
+    for field in ("bpd_num_examples", "bpd_t_chunk", "fid_num_samples", "fid_ref_num_examples"):
+        _require(e[field] >= 0, f"eval.{field}={e[field]} must be >= 0.")
+    for field in ("bpd_every", "fid_every"):
+        _require(e[field] >= 0 and e[field] % k == 0,
+                 f"eval.{field}={e[field]} must be a non-negative multiple of "
+                 f"train.steps_per_dispatch={k} (0 = off). Fix: make it a multiple of {k}.")
+    _require(e.bpd_estimate_batches > 0 and e.bpd_estimate_timesteps > 0,
+             "eval.bpd_estimate_batches and eval.bpd_estimate_timesteps must be positive.")
+    _require(e.fid_num_samples != 1 and e.fid_every_num_samples >= 2,
+             "FID needs at least 2 samples: eval.fid_num_samples (0 = skip) and "
+             "eval.fid_every_num_samples.")
+    _require(e.kid_subset_size >= 2 and e.kid_num_subsets >= 1 and e.kid_max_features >= 2,
+             "eval.kid_subset_size and eval.kid_max_features must be >= 2, "
+             "eval.kid_num_subsets >= 1.")
+    _require(e.is_splits >= 1, f"eval.is_splits={e.is_splits} must be >= 1.")
+
+
+def _validate_labels(spec: str, num_classes: int) -> None:
+    if not spec.strip():
+        return
+    _require(num_classes > 0,
+             f"sample.labels={spec!r} asks for classes, but the model is unconditional "
+             f"(model.num_classes=0) and classifier guidance is off. Fix: "
+             f"--config.sample.labels='' or set --config.sample.classifier_scale.")
+    try:
+        values = [int(v) for v in spec.split(",")]
+    except ValueError:
+        values = [-1]
+    _require(all(0 <= v < num_classes for v in values),
+             f"sample.labels={spec!r} must be '' or comma-separated classes in "
+             f"[0, {num_classes}). Fix: e.g. --config.sample.labels=3 or '0,1,2'.")
+
+
+def validate_classifier(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+    """Raises ConfigError on the first bad field of config.classifier (plus `validate`)."""
+    validate(config, num_devices=num_devices)
+    c = config.classifier
+    _validate_network(c, "classifier", config.data.image_size)
+    _require(c.num_classes > 1, f"classifier.num_classes={c.num_classes} must be >= 2.")
+    _require(config.model.num_classes in (0, c.num_classes),
+             f"classifier.num_classes={c.num_classes} differs from model.num_classes="
+             f"{config.model.num_classes}. Fix: --config.classifier.num_classes="
+             f"{config.model.num_classes}.")
+    _require(c.lr > 0, f"classifier.lr={c.lr} must be positive. Fix: e.g. 3e-4.")
+    _require(c.weight_decay >= 0, f"classifier.weight_decay={c.weight_decay} must be >= 0.")
+    _require(c.batch_size > 0 and c.batch_size % num_devices == 0,
+             f"classifier.batch_size={c.batch_size} is not a positive multiple of the "
+             f"{num_devices} devices. Fix: use a multiple of {num_devices}.")
+    _require(c.num_steps > 0, f"classifier.num_steps={c.num_steps} must be positive.")
+    _require(0.0 <= c.ema_decay < 1.0, f"classifier.ema_decay={c.ema_decay} must be in [0, 1).")
+    _require(c.log_every > 0 and c.checkpoint_every > 0,
+             "classifier.log_every and classifier.checkpoint_every must be positive.")
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -148,6 +239,16 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
         resamp_with_conv=bool(m.resamp_with_conv), num_groups=int(m.num_groups),
         num_classes=int(m.num_classes), cond_dim=int(m.cond_dim), dtype=DTYPES[m.dtype],
         remat=bool(m.remat))
+
+
+def classifier_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """Typed keyword arguments of `models.NoisyClassifier` for this config."""
+    c = config.classifier
+    return dict(
+        ch=int(c.ch), ch_mult=tuple(int(m) for m in c.ch_mult),
+        num_res_blocks=int(c.num_res_blocks),
+        attn_resolutions=tuple(int(r) for r in c.attn_resolutions), dropout=float(c.dropout),
+        num_groups=int(c.num_groups), num_classes=int(c.num_classes))
 
 
 def diffusion_args(config: ml_collections.ConfigDict) -> DiffusionArgs:

@@ -1,32 +1,112 @@
-"""`--mode=sample`: images from the latest checkpoint, as a PNG grid and an .npz of uint8."""
+"""`--mode=sample` and `--mode=guidance_sweep`: images from the latest checkpoint.
+
+sample: config.sample.num_samples images (labels from config.sample.labels), with classifier-free
+guidance (sample.guidance_scale) and/or classifier guidance (sample.classifier_scale, classifier
+from --mode=train_classifier), written as a PNG grid and an .npz of uint8 images in the workdir.
+
+guidance_sweep: sample.sweep_per_class samples of every class at each CFG scale of
+sample.sweep_scales, classified by the offline MNIST classifier (evaluation.mnist_classifier);
+the accuracy per scale goes to <workdir>/guidance_sweep.json.
+"""
+
+import json
+import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
+import classifier_training
+import config_lib
+import metric_logging
 import sampling_lib
 import train_lib
 from diffusion import schedules
 
 
-def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-    """Samples config.sample.num_samples images; one grid row per class when conditional."""
-    s = config.sample
-    model, params, step = train_lib.restore_params(config, workdir, use_ema=s.use_ema)
+def _setup(config: ml_collections.ConfigDict, workdir: str):
+    """(model, params, step, schedule, mesh) of the latest checkpoint."""
+    model, params, step = train_lib.restore_params(config, workdir, use_ema=config.sample.use_ema)
     schedule = schedules.schedule_from_name(config.diffusion.schedule,
                                             config.diffusion.num_timesteps)
-    sampler = sampling_lib.sampler_from_config(
-        config, model, schedule, train_lib.make_mesh(), batch_size=s.batch_size,
-        num_steps=s.num_steps)
-    labels = sampling_lib.grid_labels(s.num_samples, model.num_classes)
-    logging.info("Sampling %d images from step %d: %s, %s steps, guidance %.2f.",
-                 s.num_samples, step, s.sampler, s.num_steps or config.diffusion.num_timesteps,
-                 s.guidance_scale)
+    return model, params, step, schedule, train_lib.make_mesh()
+
+
+def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+    """Samples config.sample.num_samples images; one grid row per class by default."""
+    s = config.sample
+    model, params, step, schedule, mesh = _setup(config, workdir)
+    classifier = classifier_params = None
+    num_classes = model.num_classes
+    if s.classifier_scale > 0:
+        classifier, classifier_params, classifier_step = classifier_training.restore_classifier(
+            config, workdir)
+        num_classes = classifier.num_classes
+        logging.info("Classifier guidance: scale %g, classifier step %d.", s.classifier_scale,
+                     classifier_step)
+    sampler = sampling_lib.sampler_from_config(config, model, schedule, mesh,
+                                               batch_size=s.batch_size, num_steps=s.num_steps,
+                                               classifier=classifier)
+    labels = sampling_lib.parse_labels(s.labels, s.num_samples, num_classes)
+    logging.info("Sampling %d images from step %d: %s, %d steps, guidance %g.", s.num_samples,
+                 step, s.sampler, sampler.num_steps, s.guidance_scale)
     images = sampling_lib.sample_many(sampler, params, num_samples=s.num_samples, labels=labels,
-                                      seed=s.seed)
-    paths = sampling_lib.write_samples(
-        workdir, images, labels, sampling_lib.grid_columns(s.num_samples, model.num_classes),
-        name=f"samples_step{step}_{s.sampler}{s.num_steps or ''}_w{s.guidance_scale:g}")
+                                      seed=s.seed, classifier_params=classifier_params)
+    name = f"samples_step{step}_{s.sampler}{sampler.num_steps}_w{s.guidance_scale:g}"
+    if s.classifier_scale > 0:
+        name += f"_s{s.classifier_scale:g}"
+    ncols = sampling_lib.grid_columns(s.num_samples, num_classes if not s.labels else 0)
+    paths = sampling_lib.write_samples(workdir, images, labels, ncols, name=name)
     if jax.process_index() == 0:
         logging.info("Wrote %s and %s", paths["png"], paths["npz"])
     return paths
+
+
+def guidance_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """CFG accuracy on MNIST: per scale w, the fraction of samples of class y that the offline
+    MNIST classifier labels y. Writes and returns <workdir>/guidance_sweep.json's content."""
+    # Imported here: only this mode needs the evaluation package and its weights.
+    from evaluation import mnist_classifier
+
+    s = config.sample
+    if not (config.model.num_classes and config.diffusion.p_uncond > 0):
+        raise config_lib.ConfigError(
+            "--mode=guidance_sweep compares classifier-free guidance scales, which needs a model "
+            "trained with the null label (model.num_classes > 0 and diffusion.p_uncond > 0).")
+    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    num_classes = mnist_classifier.NUM_CLASSES
+    if shape != mnist_classifier.IMAGE_SHAPE or config.model.num_classes != num_classes:
+        raise config_lib.ConfigError(
+            f"--mode=guidance_sweep judges samples with the MNIST digit classifier, which needs "
+            f"28x28x1 images of {num_classes} classes; the config has {shape} and "
+            f"model.num_classes={config.model.num_classes}.")
+    model, params, step, schedule, mesh = _setup(config, workdir)
+    apply_fn, classifier_params = mnist_classifier.load_classifier()
+    classify = jax.jit(lambda images: jnp.argmax(apply_fn(classifier_params, images), -1))
+
+    labels = np.repeat(np.arange(model.num_classes, dtype=np.int32), s.sweep_per_class)
+    result = {"step": step, "sampler": s.sampler, "num_steps": s.num_steps or
+              config.diffusion.num_timesteps, "per_class": s.sweep_per_class, "seed": s.seed,
+              "accuracy": {}, "accuracy_per_class": {}}
+    for scale in s.sweep_scales:
+        sampler = sampling_lib.sampler_from_config(config, model, schedule, mesh,
+                                                   batch_size=s.batch_size,
+                                                   num_steps=s.num_steps, guidance_scale=scale)
+        images = sampling_lib.sample_many(sampler, params, num_samples=len(labels),
+                                          labels=labels, seed=s.seed)
+        # Judge what is written to disk: images quantised to uint8, mapped back to [-1, 1].
+        quantised = metric_logging.to_uint8(images).astype(np.float32) / 127.5 - 1.0
+        predicted = np.concatenate([np.asarray(classify(quantised[i:i + s.batch_size]))
+                                    for i in range(0, len(quantised), s.batch_size)])
+        correct = predicted == labels
+        result["accuracy"][f"{scale:g}"] = float(correct.mean())
+        result["accuracy_per_class"][f"{scale:g}"] = [
+            float(correct[labels == c].mean()) for c in range(model.num_classes)]
+        logging.info("guidance scale %g: MNIST-classifier accuracy %.4f", scale,
+                     correct.mean())
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "guidance_sweep.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return result

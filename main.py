@@ -2,6 +2,10 @@
 
     python main.py --config=configs/mnist.py --workdir=workdirs/mnist            # train/resume
     python main.py --config=configs/mnist.py --workdir=workdirs/mnist --mode=sample
+    python main.py --config=configs/mnist.py --workdir=workdirs/mnist --mode=eval   # bpd, FID
+    python main.py --config=configs/mnist.py --workdir=workdirs/mnist --mode=guidance_sweep
+    python main.py --config=configs/mnist_classifier.py --workdir=workdirs/mnist \
+        --mode=train_classifier                       # then --mode=sample: classifier guidance
     python main.py --config=configs/cifar.py --workdir=DIR --config.optim.lr=1e-4  # overrides
 
 Multi-host (TPU pods, GPU clusters): launch the same command on every host with --multihost;
@@ -15,7 +19,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import classifier_training
 import config_lib
+import evaluate
 import generate
 import input_pipeline
 import train_lib
@@ -23,7 +29,9 @@ import train_lib
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and samples go here.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+flags.DEFINE_enum("mode", "train",
+                  ["train", "sample", "eval", "train_classifier", "guidance_sweep"],
+                  "What to do.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 (multihost only; else detected from the cluster).")
@@ -53,6 +61,12 @@ def main(argv):
             train_lib.train(FLAGS.config, FLAGS.workdir)
         elif FLAGS.mode == "sample":
             generate.generate(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "eval":
+            evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "train_classifier":
+            classifier_training.train_classifier(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "guidance_sweep":
+            generate.guidance_sweep(FLAGS.config, FLAGS.workdir)
     except (config_lib.ConfigError, input_pipeline.DatasetNotAvailableError,
             train_lib.NonFiniteLossError, FileNotFoundError) as e:
         # The message already names the bad value and the fix; a traceback would bury it.

@@ -1,14 +1,21 @@
-"""Images from a trained model: guided model functions, sharded in-jit sampling, `--mode=sample`.
+"""Images from a trained model: guided model functions, a chunked sharded sampler, sample files.
 
 Classifier-free guidance (Ho & Salimans 2022): with the null label ∅ = num_classes,
     ε̃(x_t, y) = (1 + w) ε(x_t, y) − w ε(x_t, ∅),
-both terms from one batched call. The combination is linear in the network output, so it is
-the same for ε-, x0- and v-prediction; with a learned variance only the mean channels are
-guided and the conditional variance is kept.
+both terms from one batched call (`diffusion.guidance.classifier_free_guidance`). The combination
+is linear in the network output, so it is the same for ε-, x0- and v-prediction; with a learned
+variance only the mean channels are guided and the conditional variance is kept.
+
+Classifier guidance (Dhariwal & Nichol 2021): cond_fn(x_t, t) = s ∇ₓ log p_φ(y | x_t, t) of a
+`models.NoisyClassifier`; the samplers apply it (diffusion/samplers.py). Both guidances combine.
+
+`Sampler` runs the reverse process in jitted chunks of `progress_every` steps: the loop state is
+carried between calls and the chunk bounds are traced, so there is one compilation, a progress
+line with steps/s and ETA between chunks, and the same images as one uninterrupted loop.
 """
 
 import os
-from collections.abc import Callable
+import time
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +26,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import metric_logging
-from diffusion import samplers, schedules
-from models import UNet
+from diffusion import guidance, samplers, schedules
+from models import NoisyClassifier, UNet, classifier_log_prob_grad
 
 
 def guided_model_fn(model: UNet, params, labels: jax.Array | None,
-                    guidance_scale: float) -> Callable[[jax.Array, jax.Array], jax.Array]:
+                    guidance_scale: float) -> samplers.ModelFn:
     """model_fn(x_t [B,H,W,C], t [B]) -> network output, guided when guidance_scale > 0."""
 
     def model_fn(x, t):
@@ -35,10 +42,20 @@ def guided_model_fn(model: UNet, params, labels: jax.Array | None,
                           jnp.concatenate([labels, null]), train=False)
         cond, uncond = jnp.split(out, 2)
         c = x.shape[-1]  # guide the mean channels only (the rest is a learned variance)
-        guided = (1 + guidance_scale) * cond[..., :c] - guidance_scale * uncond[..., :c]
+        guided = guidance.classifier_free_guidance(cond[..., :c], uncond[..., :c], guidance_scale)
         return jnp.concatenate([guided, cond[..., c:]], axis=-1)
 
     return model_fn
+
+
+def classifier_cond_fn(classifier: NoisyClassifier, params, labels: jax.Array,
+                       scale: float) -> samplers.CondFn:
+    """cond_fn(x_t, t) = scale · ∇ₓ log p_φ(labels | x_t, t), [B, H, W, C]."""
+
+    def cond_fn(x, t):
+        return scale * classifier_log_prob_grad(classifier.apply, params, x, t, labels)
+
+    return cond_fn
 
 
 def grid_labels(num_samples: int, num_classes: int) -> np.ndarray | None:
@@ -54,60 +71,136 @@ def grid_columns(num_samples: int, num_classes: int) -> int:
     return int(np.ceil(np.sqrt(num_samples)))
 
 
+def parse_labels(spec: str, num_samples: int, num_classes: int) -> np.ndarray | None:
+    """int32 [num_samples] labels from config.sample.labels, or None for an unlabelled model.
+
+    "" gives `grid_labels` (one block per class); "3" or "1,4,7" repeats that list cyclically.
+    Values are checked by config_lib.validate.
+    """
+    if not num_classes:
+        return None
+    if not spec.strip():
+        return grid_labels(num_samples, num_classes)
+    values = np.asarray([int(v) for v in spec.split(",")], np.int32)
+    return np.resize(values, num_samples)
+
+
 class Sampler:
-    """A jitted, batch-sharded sampler for one batch size; traced once, reused for every call."""
+    """A jitted, batch-sharded sampler for one batch size; compiled once, reused for every call.
+
+    progress_every: steps per jitted chunk, with a progress line after each (0 = the whole loop
+    in one call, no progress lines). `num_traces` counts how often the chunk was traced.
+    """
 
     def __init__(self, model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
                  image_shape: tuple[int, int, int], batch_size: int, sampler: str,
                  num_steps: int, eta: float, clip_x0: bool, guidance_scale: float,
-                 prediction: str, var_type: str):
+                 prediction: str, var_type: str, classifier: NoisyClassifier | None = None,
+                 classifier_scale: float = 0.0, progress_every: int = 0):
         self.model = model
         self.batch_size = batch_size
         self.image_shape = image_shape
+        self.num_steps = num_steps or schedule.num_timesteps  # K, loop iterations per batch
+        self.progress_every = progress_every or self.num_steps
+        self.num_traces = 0
         self._data = NamedSharding(mesh, P("data"))
-        replicated = NamedSharding(mesh, P())
+        self._replicated = NamedSharding(mesh, P())
+        use_classifier = classifier is not None and classifier_scale != 0
 
-        def run(params, x_T, labels, key):
+        def chunk(params, classifier_params, state, labels, key, start, stop):
+            self.num_traces += 1
             model_fn = guided_model_fn(model, params, labels if model.num_classes else None,
                                        guidance_scale)
-            return samplers.sample(
-                model_fn, schedule, x_T.shape, key, sampler=sampler,
-                num_steps=num_steps or None, eta=eta, prediction=prediction,
-                var_type=var_type, clip_x0=clip_x0, x_T=x_T)
+            cond_fn = None
+            if use_classifier:
+                cond_fn = classifier_cond_fn(classifier, classifier_params, labels,
+                                             classifier_scale)
+            return samplers.sample_steps(
+                model_fn, schedule, state, key, start, stop, sampler=sampler,
+                num_steps=num_steps or None, eta=eta, prediction=prediction, var_type=var_type,
+                clip_x0=clip_x0, cond_fn=cond_fn)
 
-        self._run = jax.jit(run, in_shardings=(replicated, self._data, self._data, replicated),
-                            out_shardings=self._data)
+        rep, data = self._replicated, self._data
+        self._chunk = jax.jit(chunk, in_shardings=(rep, rep, data, data, rep, rep, rep),
+                              out_shardings=data, donate_argnums=2)
 
-    def __call__(self, params, key: jax.Array, labels: np.ndarray | None) -> np.ndarray:
-        """Images in [-1, 1], float32 [batch_size, H, W, C], on the host."""
-        k_init, k_loop = jax.random.split(key)
+    def _inputs(self, params, classifier_params, key: jax.Array, labels: np.ndarray | None):
+        """(params, classifier_params, state, labels, loop key), placed as the chunk wants them."""
+        k_init, k_loop = jax.random.split(key)  # as samplers.sample splits it
         x_T = jax.random.normal(k_init, (self.batch_size, *self.image_shape), jnp.float32)
+        state = jax.device_put(samplers.init_state(x_T), self._data)
         if labels is None:
             labels = np.zeros(self.batch_size, np.int32)
-        x_T = jax.device_put(x_T, self._data)
         labels = jax.device_put(jnp.asarray(labels, jnp.int32), self._data)
-        return np.asarray(jax.device_get(self._run(params, x_T, labels, k_loop)))
+        params, classifier_params = jax.device_put((params, classifier_params), self._replicated)
+        return params, classifier_params, state, labels, k_loop
+
+    def compile(self, params, classifier_params=None) -> float:
+        """Traces and compiles the chunk now (later calls reuse it); returns the seconds taken."""
+        begin = time.perf_counter()
+        inputs = self._inputs(params, classifier_params, jax.random.key(0), None)
+        self._chunk.lower(*inputs, 0, 0).compile()
+        return time.perf_counter() - begin
+
+    def __call__(self, params, key: jax.Array, labels: np.ndarray | None, *,
+                 classifier_params=None, progress: metric_logging.Progress | None = None,
+                 progress_offset: int = 0) -> np.ndarray:
+        """Images in [-1, 1], float32 [batch_size, H, W, C], on the host.
+
+        Bit for bit the same for any progress_every (one executable, the state carried); the
+        images of `samplers.sample(..., key)` up to float32 rounding.
+        progress: logs a line after each chunk, at step progress_offset + (steps done).
+        """
+        params, classifier_params, state, labels, k_loop = self._inputs(
+            params, classifier_params, key, labels)
+        for start in range(0, self.num_steps, self.progress_every):
+            stop = min(start + self.progress_every, self.num_steps)
+            state = self._chunk(params, classifier_params, state, labels, k_loop, start, stop)
+            if progress is not None:
+                jax.block_until_ready(state)
+                step = progress_offset + stop
+                logging.info("sampling: %s", progress.line(step, {}, progress.update(step)))
+        return np.asarray(jax.device_get(state.x))
 
 
 def sample_many(sampler: Sampler, params, *, num_samples: int, labels: np.ndarray | None,
-                seed: int) -> np.ndarray:
-    """num_samples images in [-1, 1], streamed in batches of sampler.batch_size."""
+                seed: int, classifier_params=None, log_progress: bool = True) -> np.ndarray:
+    """num_samples images in [-1, 1], streamed in batches of sampler.batch_size.
+
+    With log_progress, a line with steps/s, images/s and the ETA of the whole run follows every
+    chunk (compilation comes first, timed on its own).
+    """
+    seconds = sampler.compile(params, classifier_params)
+    logging.info("Compiled the sampler in %.1f s.", seconds)
     out = []
     key = jax.random.key(seed)
+    num_batches = -(-num_samples // sampler.batch_size)
+    # Each loop step advances batch_size/K images, so Progress's "img/s" is images per second.
+    progress = metric_logging.Progress(0, num_batches * sampler.num_steps,
+                                       sampler.batch_size / sampler.num_steps)
+    start_time = time.perf_counter()
     for i, start in enumerate(range(0, num_samples, sampler.batch_size)):
         n = min(sampler.batch_size, num_samples - start)
         batch_labels = None
         if labels is not None:  # pad the last batch: one batch size, one compilation
             batch_labels = np.resize(labels[start:start + n], sampler.batch_size)
-        out.append(sampler(params, jax.random.fold_in(key, i), batch_labels)[:n])
-        logging.info("sampled %d/%d", start + n, num_samples)
+        images = sampler(params, jax.random.fold_in(key, i), batch_labels,
+                         classifier_params=classifier_params,
+                         progress=progress if log_progress else None,
+                         progress_offset=i * sampler.num_steps)
+        out.append(images[:n])
+    logging.info("Sampled %d images in %s.", num_samples,
+                 metric_logging.format_duration(time.perf_counter() - start_time))
     return np.concatenate(out)
 
 
 def sampler_from_config(config: ml_collections.ConfigDict, model: UNet,
                         schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
                         batch_size: int, num_steps: int, sampler: str | None = None,
-                        guidance_scale: float | None = None) -> Sampler:
+                        guidance_scale: float | None = None,
+                        classifier: NoisyClassifier | None = None) -> Sampler:
+    """A `Sampler` with config.sample's settings; classifier guidance when `classifier` is given
+    and config.sample.classifier_scale > 0."""
     s = config.sample
     return Sampler(
         model, schedule, mesh,
@@ -115,7 +208,9 @@ def sampler_from_config(config: ml_collections.ConfigDict, model: UNet,
         batch_size=batch_size, sampler=sampler or s.sampler, num_steps=num_steps, eta=s.eta,
         clip_x0=s.clip_x0,
         guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
-        prediction=config.diffusion.prediction, var_type=config.diffusion.var_type)
+        prediction=config.diffusion.prediction, var_type=config.diffusion.var_type,
+        classifier=classifier, classifier_scale=s.classifier_scale,
+        progress_every=s.progress_every)
 
 
 class GridSampler:

@@ -72,15 +72,66 @@ def get_config() -> ml_collections.ConfigDict:
     train.sample_every = 0           # 0 = never; else write a sample grid to TensorBoard
     train.sample_num_steps = 100     # respaced ancestral steps for the periodic grids
 
-    # --- sampling: --mode=sample -----------------------------------------------------------------
+    # --- sampling: --mode=sample, --mode=guidance_sweep -----------------------------------------
     config.sample = sample = ml_collections.ConfigDict()
     sample.num_samples = 64
     sample.batch_size = 64           # per call; a multiple of the device count
-    sample.sampler = "ancestral"     # "ancestral" | "ddim"
+    sample.sampler = "ancestral"     # "ancestral" | "ddim" | "dpm_solver_pp_2m"
     sample.num_steps = 0             # 0 = all num_timesteps; else respaced to this many steps
     sample.eta = 0.0                 # DDIM η (0 = deterministic)
     sample.clip_x0 = True
     sample.guidance_scale = 0.0      # classifier-free guidance w (0 = plain conditional)
+    sample.labels = ""               # "" = one grid row per class; else a class or "3,1,4" (cycled)
+    sample.classifier_scale = 0.0    # classifier guidance s (0 = off); see --mode=train_classifier
+    sample.classifier_workdir = ""   # "" = <workdir>/classifier
+    sample.progress_every = 100      # steps per jitted chunk, with a progress line (0 = one chunk)
     sample.use_ema = True
     sample.seed = 0
+    sample.sweep_scales = (0.0, 1.0, 3.0, 5.0)  # --mode=guidance_sweep: CFG scales w to compare
+    sample.sweep_per_class = 100     # --mode=guidance_sweep: samples per class and scale
+
+    # --- noise-aware classifier p_φ(y | x_t, t) for classifier guidance: --mode=train_classifier --
+    # Trained on x_t = q_sample(x_0, t, ε) of config.data under config.diffusion's schedule, into
+    # <workdir>/classifier. Sizes follow guided-diffusion's classifiers (AdamW 3e-4, wd 0.05).
+    config.classifier = classifier = ml_collections.ConfigDict()
+    classifier.num_classes = 10
+    classifier.ch = 128
+    classifier.ch_mult = (1, 2, 2, 2)
+    classifier.num_res_blocks = 2
+    classifier.attn_resolutions = (16,)
+    classifier.dropout = 0.0
+    classifier.num_groups = 32       # must divide every level's channel count
+    classifier.lr = 3e-4
+    classifier.weight_decay = 0.05
+    classifier.batch_size = 128      # global batch, a multiple of the device count
+    classifier.num_steps = 100_000
+    classifier.ema_decay = 0.0       # 0 = guide with the raw parameters
+    classifier.log_every = 100
+    classifier.checkpoint_every = 5000
+
+    # --- evaluation: --mode=eval, and optional estimates during training ------------------------
+    # The bound is computed on data.eval_split; FID/KID/IS compare samples (config.sample's
+    # sampler, steps and guidance) with eval.fid_ref_split. See evaluate.py.
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.use_ema = True
+    ev.seed = 0
+    ev.batch_size = 128              # global batch of the bound and the feature network
+    ev.bpd = True                    # --mode=eval computes the variational bound (bits/dim)
+    ev.bpd_num_examples = 0          # 0 = the whole eval split; else its first N examples
+    ev.bpd_t_chunk = 100             # timesteps per jitted call (a progress line after each)
+    ev.bpd_condition = "label"       # class-conditional models: "label" (log p(x|y)) | "null"
+    ev.bpd_every = 0                 # training: bound estimate every N steps (0 = off)
+    ev.bpd_estimate_batches = 2      # ... on the first N eval batches
+    ev.bpd_estimate_timesteps = 32   # ... with t = 0 plus one t from each of N strata
+    ev.fid_num_samples = 50_000      # --mode=eval: samples for FID/KID/IS (0 = skip)
+    ev.feature_net = "inception_v3"  # "inception_v3" | "mnist_classifier" (MNIST-FID, 28x28x1)
+    ev.inception_weights = "~/.cache/ddpm_jax/pt_inception-2015-12-05-6726825d.npz"
+    ev.fid_ref_split = "train"       # real images of data.name for the reference statistics
+    ev.fid_ref_num_examples = 0      # 0 = the whole split
+    ev.fid_every = 0                 # training: small-sample FID every N steps (0 = off)
+    ev.fid_every_num_samples = 1000  # ... from this many samples (biased upwards vs. 50k)
+    ev.kid_subset_size = 1000
+    ev.kid_num_subsets = 100
+    ev.kid_max_features = 10_000     # uniform subset of features kept for KID
+    ev.is_splits = 10
     return config

@@ -31,15 +31,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 100
 
     config.train.batch_size = 64
-    config.train.num_steps = 3000
-    config.train.ema_decay = 0.999
+    config.train.num_steps = 800
+    config.train.ema_decay = 0.995
     config.train.log_every = 50
-    config.train.checkpoint_every = 500
-    config.train.sample_every = 1000
+    config.train.checkpoint_every = 200
+    config.train.sample_every = 400
     config.train.sample_num_steps = 50
 
     config.sample.num_samples = 100    # 10 rows of 10: one row per digit
     config.sample.batch_size = 100
     config.sample.num_steps = 100      # respaced ancestral sampling
     config.sample.guidance_scale = 1.0
+
+    config.eval.feature_net = "mnist_classifier"  # "MNIST-FID": not comparable with Inception FID
+    config.eval.fid_num_samples = 1000
+    config.eval.fid_ref_split = "train"
     return config

@@ -24,4 +24,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.batch_size = 16
     config.sample.num_steps = 5
     config.sample.guidance_scale = 0.0
+    config.classifier.ch = 8
+    config.classifier.ch_mult = (1, 2)
+    config.classifier.num_res_blocks = 1
+    config.classifier.attn_resolutions = ()
+    config.classifier.num_groups = 4
+    config.classifier.batch_size = 16
+    config.classifier.num_steps = 4
+    config.classifier.log_every = 2
+    config.classifier.checkpoint_every = 2
     return config

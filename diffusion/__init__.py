@@ -2,12 +2,13 @@
 
 Modules: `schedules` (β schedules, `Schedule`, respacing), `gaussian` (forward process,
 posterior, reverse-process parameters), `losses` (training losses, variational bound in bits/dim),
-`samplers` (ancestral and DDIM steps, the sampling loop). Use them as
+`samplers` (ancestral, DDIM and DPM-Solver++(2M) steps, the sampling loop), `guidance`
+(classifier-free and classifier guidance). Use them as
 `from diffusion import schedules, gaussian, losses, samplers`; the most used names are also
 re-exported here.
 """
 
-from diffusion import gaussian, losses, samplers, schedules
+from diffusion import gaussian, guidance, losses, samplers, schedules
 from diffusion.gaussian import (
     PREDICTIONS,
     VAR_TYPES,
@@ -35,9 +36,18 @@ from diffusion.losses import (
     training_losses,
     vlb_terms,
 )
-from diffusion.samplers import SAMPLERS, ddim_step, p_sample, sample
+from diffusion.samplers import (
+    SAMPLERS,
+    SamplerState,
+    ddim_step,
+    dpm_solver_pp_2m_step,
+    p_sample,
+    sample,
+    sample_steps,
+)
 from diffusion.schedules import (
     SCHEDULES,
+    SPACINGS,
     Schedule,
     get_betas,
     make_schedule,
@@ -45,6 +55,7 @@ from diffusion.schedules import (
     respace_schedule,
     schedule_from_name,
     space_timesteps,
+    space_timesteps_logsnr,
 )
 
 __all__ = [
@@ -52,17 +63,21 @@ __all__ = [
     "PREDICTIONS",
     "SAMPLERS",
     "SCHEDULES",
+    "SPACINGS",
     "VAR_TYPES",
     "WEIGHTINGS",
     "PMeanVar",
+    "SamplerState",
     "Schedule",
     "approx_standard_normal_cdf",
     "ddim_step",
     "discretized_gaussian_log_likelihood",
+    "dpm_solver_pp_2m_step",
     "extract",
     "gaussian",
     "get_betas",
     "get_v",
+    "guidance",
     "losses",
     "make_schedule",
     "normal_kl",
@@ -80,11 +95,13 @@ __all__ = [
     "respace_betas",
     "respace_schedule",
     "sample",
+    "sample_steps",
     "samplers",
     "schedule_from_name",
     "schedules",
     "snr",
     "space_timesteps",
+    "space_timesteps_logsnr",
     "training_losses",
     "vlb_terms",
 ]

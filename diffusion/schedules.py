@@ -24,6 +24,7 @@ import numpy as np
 from flax import struct
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
+SPACINGS = ("uniform", "logsnr")  # how `respace_schedule` picks its K timesteps
 
 _MAX_BETA = 0.999  # Nichol & Dhariwal clip: avoids the singularity β = 1 at the end of cosine.
 
@@ -193,6 +194,31 @@ def space_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
 
 
+def space_timesteps_logsnr(alphas_cumprod: np.ndarray, num_steps: int) -> np.ndarray:
+    """`num_steps` timesteps of 0..T-1 as evenly spaced in λ_t = ½ log(ᾱ_t/(1 - ᾱ_t)) as the
+    integer t allow (DPM-Solver's "logSNR" spacing), sorted, always including 0 and T-1.
+
+    Each point of the uniform λ grid from λ_0 to λ_{T-1} takes its nearest timestep; where two
+    collide (the low-noise end, where λ changes fastest per t) the later ones move up by one so
+    that the K timesteps are distinct. Returns int64 [K].
+    """
+    ab = np.asarray(alphas_cumprod, np.float64)
+    num_timesteps = ab.shape[0]
+    if not 2 <= num_steps <= num_timesteps:
+        raise ValueError(
+            f"num_steps must be in [2, num_timesteps={num_timesteps}], got {num_steps!r}"
+        )
+    neg_lam = -0.5 * (np.log(ab) - np.log1p(-ab))  # increasing in t
+    grid = np.linspace(neg_lam[0], neg_lam[-1], num_steps)
+    right = np.clip(np.searchsorted(neg_lam, grid), 1, num_timesteps - 1)
+    nearer_left = grid - neg_lam[right - 1] < neg_lam[right] - grid
+    ts = np.where(nearer_left, right - 1, right)
+    ts[0], ts[-1] = 0, num_timesteps - 1
+    for k in range(1, num_steps - 1):  # distinct, and leave room for the ones after
+        ts[k] = min(max(ts[k], ts[k - 1] + 1), num_timesteps - num_steps + k)
+    return ts.astype(np.int64)
+
+
 def respace_betas(
     betas: np.ndarray, use_timesteps: Sequence[int] | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -218,12 +244,17 @@ def respace_betas(
     return new_betas, use.astype(np.int32)
 
 
-def respace_schedule(schedule: Schedule, num_steps: int) -> tuple[Schedule, np.ndarray]:
+def respace_schedule(
+    schedule: Schedule, num_steps: int, spacing: str = "uniform"
+) -> tuple[Schedule, np.ndarray]:
     """The respaced `Schedule` with `num_steps` steps and its int32 timestep_map [K].
 
-    Host-side: the schedule must be concrete (not a tracer). Built from the schedule's own betas
-    (read back and promoted to float64), keeping its dtype.
+    spacing ∈ SPACINGS: "uniform" in t (`space_timesteps`, guided-diffusion) or "logsnr", uniform
+    in λ (`space_timesteps_logsnr`). Host-side: the schedule must be concrete (not a tracer).
+    Built from the schedule's own betas (read back and promoted to float64), keeping its dtype.
     """
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
     try:
         betas = np.asarray(jax.device_get(schedule.betas), dtype=np.float64)
     except jax.errors.TracerArrayConversionError as e:
@@ -233,6 +264,9 @@ def respace_schedule(schedule: Schedule, num_steps: int) -> tuple[Schedule, np.n
             "jitted function) instead of passing it, or respace outside jit with "
             "respace_schedule."
         ) from e
-    use = space_timesteps(schedule.num_timesteps, num_steps)
+    if spacing == "uniform":
+        use = space_timesteps(schedule.num_timesteps, num_steps)
+    else:
+        use = space_timesteps_logsnr(np.cumprod(1.0 - betas), num_steps)
     new_betas, timestep_map = respace_betas(betas, use)
     return make_schedule(new_betas, schedule.betas.dtype), timestep_map

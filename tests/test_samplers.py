@@ -248,7 +248,9 @@ def test_sample_under_jit_keys_dtypes_and_respacing():
         jax.jit(lambda s, key: samplers.sample(model_fn, s, (4, 2, 2, 3), key, num_steps=10))(
             small, jax.random.key(0)
         )
-    with pytest.raises(ValueError, match=r"unknown sampler 'ddpm'.*\('ancestral', 'ddim'\)"):
+    with pytest.raises(
+        ValueError, match=r"unknown sampler 'ddpm'.*\('ancestral', 'ddim', 'dpm_solver_pp_2m'\)"
+    ):
         samplers.sample(model_fn, small, (4, 3), jax.random.key(0), sampler="ddpm")
 
 

@@ -1,0 +1,132 @@
+"""Evaluation pieces built from a config, and the periodic estimates written during training.
+
+The config is read here and only here (typed values go to `likelihood` and `sample_quality`).
+`PeriodicEvaluator` is what the trainer calls: every eval.bpd_every steps a cheap, unbiased
+estimate of the bound (eval.bpd_estimate_batches fixed eval batches, t = 0 plus one timestep per
+stratum) and every eval.fid_every steps a small-sample FID (eval.fid_every_num_samples samples,
+respaced to train.sample_num_steps steps; biased upwards compared with 50k samples). Their
+TensorBoard names say so: eval/bpd_estimate, eval/<FID name>_<N>samples.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import input_pipeline
+import metric_logging
+import sampling_lib
+from diffusion.schedules import Schedule
+from evaluation import fid, likelihood, sample_quality
+from models import UNet
+
+
+def bound_model_fn(model: UNet, condition: str) -> likelihood.ModelFn:
+    """The UNet as model_fn(params, x_t, t, labels); class-conditional models see the data label
+    (condition "label": the bound on −log p(x | y)) or the null label ("null": −log p(x))."""
+
+    def model_fn(params, x_t, t, labels):
+        y = None
+        if model.num_classes:
+            y = labels if condition == "label" else jnp.full_like(labels, model.num_classes)
+        return model.apply({"params": params}, x_t, t, y, train=False)
+
+    return model_fn
+
+
+def bound_evaluator(config: ml_collections.ConfigDict, model: UNet, schedule: Schedule,
+                    mesh: jax.sharding.Mesh) -> likelihood.BoundEvaluator:
+    return likelihood.BoundEvaluator(
+        bound_model_fn(model, config.eval.bpd_condition), schedule, mesh,
+        prediction=config.diffusion.prediction, var_type=config.diffusion.var_type)
+
+
+def eval_source(config: ml_collections.ConfigDict) -> input_pipeline.Source:
+    return input_pipeline.load(config.data.name, config.data.eval_split, config.data.data_dir)
+
+
+def feature_net(config: ml_collections.ConfigDict,
+                mesh: jax.sharding.Mesh) -> sample_quality.FeatureNet:
+    return sample_quality.make_feature_net(
+        config.eval.feature_net, batch_size=config.eval.batch_size, mesh=mesh,
+        inception_weights=config.eval.inception_weights)
+
+
+def reference_stats(config: ml_collections.ConfigDict, net: sample_quality.FeatureNet,
+                    workdir: str) -> fid.Stats:
+    """Cached statistics of the real eval.fid_ref_split images, in workdir/eval."""
+    e = config.eval
+    source = input_pipeline.load(config.data.name, e.fid_ref_split, config.data.data_dir)
+    return sample_quality.reference_stats(
+        net, source, cache_dir=os.path.join(workdir, "eval"), dataset=config.data.name,
+        split=e.fid_ref_split, num_examples=e.fid_ref_num_examples, num_splits=e.is_splits,
+        kid_max_features=e.kid_max_features)
+
+
+def compare(config: ml_collections.ConfigDict, net: sample_quality.FeatureNet, real: fid.Stats,
+            fake: fid.Stats) -> dict[str, float]:
+    """{"FID": .., "KID": .., "KID_std": .., "IS": .., "IS_std": ..}, MNIST- prefixed for the
+    MNIST classifier."""
+    e = config.eval
+    metrics = fid.compare(real, fake, kid_num_subsets=e.kid_num_subsets,
+                          kid_subset_size=e.kid_subset_size, seed=e.seed)
+    return sample_quality.named_metrics(net, metrics)
+
+
+class PeriodicEvaluator:
+    """Called by the trainer after every update; returns the scalars due at this step."""
+
+    def __init__(self, config: ml_collections.ConfigDict, model: UNet, schedule: Schedule,
+                 mesh: jax.sharding.Mesh, workdir: str):
+        self._config, self._model, self._mesh, self._workdir = config, model, mesh, workdir
+        e = config.eval
+        self.bpd_every, self.fid_every = e.bpd_every, e.fid_every
+        self._bound = self._batches = None
+        if self.bpd_every:
+            self._bound = bound_evaluator(config, model, schedule, mesh)
+            source = eval_source(config)
+            self._batches = list(likelihood.dataset_batches(
+                source, batch_size=e.batch_size,
+                num_examples=min(len(source), e.bpd_estimate_batches * e.batch_size)))
+        self._sampler = self._net = self._real = None
+        if self.fid_every:
+            n = config.sample.batch_size
+            self._sampler = sampling_lib.sampler_from_config(
+                config, model, schedule, mesh, batch_size=n,
+                num_steps=config.train.sample_num_steps)
+
+    def due(self, step: int) -> bool:
+        return bool((self.bpd_every and step % self.bpd_every == 0)
+                    or (self.fid_every and step % self.fid_every == 0))
+
+    def __call__(self, step: int, params: Any) -> dict[str, float]:
+        """eval/ scalars for this step ({} when nothing is due)."""
+        out = {}
+        e = self._config.eval
+        if self.bpd_every and step % self.bpd_every == 0:
+            result = likelihood.bound_on_dataset(
+                self._bound, params, self._batches, num_batches=len(self._batches),
+                seed=int(np.uint32(step)), estimate_timesteps=e.bpd_estimate_timesteps)
+            out["eval/bpd_estimate"] = result.total
+            out["eval/bpd_estimate_stderr"] = result.total_stderr
+            metric_logging.log_line(f"step {step}: bound estimate {result.total:.4f} ± "
+                                    f"{result.total_stderr:.4f} bits/dim")
+        if self.fid_every and step % self.fid_every == 0:
+            if self._net is None:  # loaded on first use: the weights and the reference data
+                self._net = feature_net(self._config, self._mesh)
+                self._real = reference_stats(self._config, self._net, self._workdir)
+            fake = sample_quality.sample_stats(
+                self._net, self._sampler, params, num_samples=e.fid_every_num_samples,
+                num_classes=self._model.num_classes, seed=step, num_splits=e.is_splits,
+                kid_max_features=e.kid_max_features)
+            metrics = compare(self._config, self._net, self._real, fake)
+            n = e.fid_every_num_samples
+            out.update({f"eval/{k}_{n}samples": v for k, v in metrics.items()})
+            metric_logging.log_line(f"step {step}: {self._net.metric('FID')} from {n} samples "
+                                    f"{metrics[self._net.metric('FID')]:.3f}")
+        return out

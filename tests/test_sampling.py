@@ -1,0 +1,330 @@
+"""Sampling from networks: chunked loop == one loop, same seed == same images, 8 devices == 1,
+one trace; labels and config checks; the modes train_classifier, sample (with classifier
+guidance) and guidance_sweep end to end on the tiny config.
+"""
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import checkpointing
+import config_lib
+import generate
+import sampling_lib
+import train_lib
+from configs import mnist, mnist_classifier, tiny
+from diffusion import samplers, schedules
+from models import NoisyClassifier, UNet
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# 8 devices vs 1 run the same per-example arithmetic, but XLA picks convolution and reduction
+# kernels by the per-device batch (1 vs 8 here), which reorders float32 sums: a few ulps per
+# network call, carried through 7 steps of the guided loop (2 UNet calls and a classifier
+# gradient each). Measured max |difference| ~1e-6 on images in [-1, 1]; 1e-4 leaves margin,
+# while a wrong key, label or shard changes pixels by O(0.1).
+DEVICE_TOLERANCE = 1e-4
+
+
+# --- the loop in chunks ------------------------------------------------------------------------
+
+def _toy_model(x, t):
+    """A cheap network stand-in that depends on x and t nonlinearly."""
+    return jnp.tanh(0.5 * x) + 0.01 * jnp.sin(t.astype(jnp.float32)).reshape(-1, 1, 1, 1)
+
+
+def _toy_cond_fn(x, t):
+    return -0.05 * x * (t > 50).astype(jnp.float32).reshape(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_chunks_give_the_uninterrupted_loop(sampler):
+    """sample_steps over (0, 3), (3, 4), (4, 10) == over (0, 10), bit for bit, with one trace
+    (traced bounds), for every sampler: stochastic DDIM (keys by step index), DPM-Solver++'s
+    x̂_0 history carried across chunks, classifier guidance on. Against `samplers.sample` (a
+    separately compiled loop with a static trip count, which XLA optimises differently) the
+    result agrees to float32 rounding (max 4e-7 measured)."""
+    schedule = schedules.schedule_from_name("linear", 100)
+    shape, key = (8, 4, 4, 2), jax.random.key(0)
+    kwargs = dict(sampler=sampler, num_steps=10, eta=0.5, cond_fn=_toy_cond_fn)
+    init_key, loop_key = jax.random.split(key)
+    x_T = jax.random.normal(init_key, shape)
+
+    def chunk(state, key, start, stop):
+        return samplers.sample_steps(_toy_model, schedule, state, key, start, stop, **kwargs)
+
+    chex.clear_trace_counter()
+    chunk = jax.jit(chex.assert_max_traces(chunk, n=1))
+    state = samplers.init_state(x_T)
+    for start, stop in ((0, 3), (3, 4), (4, 10)):
+        state = chunk(state, loop_key, start, stop)
+    np.testing.assert_array_equal(state.x, chunk(samplers.init_state(x_T), loop_key, 0, 10).x)
+
+    whole = jax.jit(lambda x_T, key: samplers.sample(_toy_model, schedule, shape, key, x_T=x_T,
+                                                     **kwargs))(x_T, key)
+    np.testing.assert_allclose(state.x, whole, atol=2e-6, rtol=0)
+
+
+# --- the Sampler with networks -----------------------------------------------------------------
+
+BATCH, STEPS, SHAPE = 8, 7, (8, 8, 1)
+
+
+def _random_like(tree, seed: int, scale: float = 0.1):
+    """N(0, scale²) numbers in the shapes of `tree`, from numpy: the tests below need weights
+    that make every path (labels, classifier gradient) matter, not trained ones, and building
+    them costs no compilation (a jitted UNet init takes seconds)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: scale * rng.standard_normal(a.shape, np.float32), tree)
+
+
+def _params(module, seed: int, *inputs):
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs, train=False))
+    return _random_like(shapes["params"], seed)
+
+
+@pytest.fixture(scope="module")
+def nets():
+    """A one-level UNet with a learned-variance channel and a noise-aware classifier, 3 classes."""
+    model = UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4,
+                 num_classes=3, out_ch=2)
+    classifier = NoisyClassifier(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                                 num_groups=4, num_classes=3)
+    x, t, y = jnp.zeros((1, *SHAPE)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)
+    return model, _params(model, 0, x, t, y), classifier, _params(classifier, 1, x, t)
+
+
+def _sampler(nets, num_devices: int, progress_every: int):
+    model, _, classifier, _ = nets
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), ("data",))
+    return sampling_lib.Sampler(
+        model, schedules.schedule_from_name("cosine", 50), mesh, image_shape=SHAPE,
+        batch_size=BATCH, sampler="ancestral", num_steps=STEPS, eta=0.0, clip_x0=True,
+        guidance_scale=2.0, prediction="eps", var_type="learned_range", classifier=classifier,
+        classifier_scale=3.0, progress_every=progress_every)
+
+
+@pytest.fixture(scope="module")
+def sampler_8(nets):
+    return _sampler(nets, 8, progress_every=3)
+
+
+def test_sampler_is_deterministic_exact_in_chunks_and_traced_once(nets, sampler_8):
+    """CFG (w = 2) and classifier guidance (s = 3), ancestral with a learned variance, 7 steps on
+    8 devices:
+    same key -> same images; chunks of 3 == one chunk of 7 (bit for bit); other keys, labels or
+    classifier weights -> other images; all of it with one trace of the chunk."""
+    _, params, _, classifier_params = nets
+    labels = np.arange(BATCH) % 3
+    run = lambda key, labels=labels, cp=classifier_params: sampler_8(
+        params, key, labels, classifier_params=cp)
+    a = run(jax.random.key(0))
+    assert a.shape == (BATCH, *SHAPE) and np.all(np.isfinite(a))
+    np.testing.assert_array_equal(run(jax.random.key(0)), a)
+
+    sampler_8.progress_every = STEPS
+    try:
+        np.testing.assert_array_equal(run(jax.random.key(0)), a)
+    finally:
+        sampler_8.progress_every = 3
+    assert np.max(np.abs(run(jax.random.key(1)) - a)) > 0.1
+    assert np.max(np.abs(run(jax.random.key(0), labels=(labels + 1) % 3) - a)) > 1e-3
+    # The classifier's gradient reaches the sampler: another classifier, other images.
+    other = _random_like(classifier_params, 2)
+    assert np.max(np.abs(run(jax.random.key(0), cp=other) - a)) > 1e-3
+    sampler_8.compile(params, classifier_params)  # ahead-of-time compilation reuses the trace
+    assert sampler_8.num_traces == 1
+
+
+def test_8_devices_equal_1_device(nets, sampler_8):
+    _, params, _, classifier_params = nets
+    labels = np.arange(BATCH) % 3
+    a8 = sampler_8(params, jax.random.key(0), labels, classifier_params=classifier_params)
+    a1 = _sampler(nets, 1, progress_every=0)(params, jax.random.key(0), labels,
+                                             classifier_params=classifier_params)
+    np.testing.assert_allclose(a1, a8, atol=DEVICE_TOLERANCE, rtol=0)
+
+
+class _LabelledStub(nn.Module):
+    """A 2-channel stand-in for a conditional UNet with a learned variance: [mean, variance]
+    channels that both depend on the label y ∈ {0, .., num_classes} (num_classes = null)."""
+
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, x, t, y, *, train: bool):
+        del train
+        w = self.param("w", nn.initializers.normal(1.0), (self.num_classes + 1,))
+        w_y = w[y].reshape(-1, 1, 1, 1)
+        return jnp.concatenate([w_y * x + t.reshape(-1, 1, 1, 1) / 100, w_y + x**2], axis=-1)
+
+
+def test_guided_model_fn_is_one_batched_cfg_call():
+    """ε̃ = (1 + w) ε(x, y) - w ε(x, ∅) on the mean channel, from one call on [x; x] with labels
+    [y; ∅]; the learned variance channel is the conditional one."""
+    model = _LabelledStub()
+    x = jax.random.normal(jax.random.key(0), (4, 2, 2, 1))
+    t, y = jnp.asarray([0, 5, 20, 49]), jnp.asarray([0, 1, 2, 1])
+    params = model.init(jax.random.key(1), x, t, y, train=False)["params"]
+    apply = lambda labels: model.apply({"params": params}, x, t, labels, train=False)
+    guided = sampling_lib.guided_model_fn(model, params, y, 2.0)(x, t)
+    cond, uncond = apply(y), apply(jnp.full_like(y, 3))
+    np.testing.assert_allclose(guided[..., :1], 3 * cond[..., :1] - 2 * uncond[..., :1],
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(guided[..., 1:], cond[..., 1:])
+    assert np.max(np.abs(cond - uncond)) > 1e-2
+    np.testing.assert_array_equal(sampling_lib.guided_model_fn(model, params, y, 0.0)(x, t), cond)
+
+
+# --- labels and config ---------------------------------------------------------------------------
+
+def test_parse_labels():
+    np.testing.assert_array_equal(sampling_lib.parse_labels("", 6, 3), [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(sampling_lib.parse_labels("7", 3, 10), [7, 7, 7])
+    np.testing.assert_array_equal(sampling_lib.parse_labels("1,4,7", 5, 10), [1, 4, 7, 1, 4])
+    assert sampling_lib.parse_labels("", 4, 0) is None
+
+
+BAD_SAMPLE = [
+    ({"sample.labels": "10"}, "sample.labels='10' must be"),
+    ({"sample.labels": "a,b"}, "sample.labels='a,b' must be"),
+    ({"model.num_classes": 0, "diffusion.p_uncond": 0.0, "sample.labels": "3"},
+     "the model is unconditional"),
+    ({"sample.classifier_scale": -1.0}, "sample.classifier_scale=-1.0 must be >= 0"),
+    ({"sample.classifier_scale": 1.0, "classifier.num_classes": 5},
+     "model.num_classes=10 != classifier.num_classes=5"),
+    ({"sample.progress_every": -1}, "sample.progress_every=-1"),
+    ({"sample.sampler": "dpm_solver"}, "sample.sampler='dpm_solver'"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_SAMPLE, ids=[m for _, m in BAD_SAMPLE])
+def test_bad_sample_config_is_rejected(overrides, message):
+    config = tiny.get_config()
+    for dotted, value in overrides.items():
+        section, field = dotted.split(".")
+        config[section][field] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config, num_devices=8)
+
+
+def test_classifier_config_checks():
+    config = mnist_classifier.get_config()
+    config_lib.validate_classifier(config, num_devices=1)
+    # The classifier config keeps mnist.py's diffusion model, so one workdir serves both.
+    assert config.diffusion == mnist.get_config().diffusion
+    assert config.model == mnist.get_config().model
+    config = tiny.get_config()
+    config_lib.validate_classifier(config, num_devices=8)
+    config.classifier.num_groups = 3
+    with pytest.raises(config_lib.ConfigError, match="classifier.num_groups=3 does not divide"):
+        config_lib.validate_classifier(config, num_devices=8)
+    config.classifier.num_groups, config.classifier.batch_size = 4, 12
+    with pytest.raises(config_lib.ConfigError, match="classifier.batch_size=12"):
+        config_lib.validate_classifier(config, num_devices=8)
+
+
+# --- the modes end to end ----------------------------------------------------------------------
+
+def _config():
+    """The tiny config with one-level networks: the modes' plumbing compiles in seconds."""
+    config = tiny.get_config()
+    config.model.ch_mult = config.classifier.ch_mult = (1,)
+    return config
+
+
+SMALL = ("--config.model.ch_mult=(1,)", "--config.classifier.ch_mult=(1,)")
+
+
+def _cli(workdir, mode, *overrides):
+    """main.py on `_config()` in a 1-device subprocess, with test_train's compile cache."""
+    cache = os.environ.get("DDPM_TEST_CACHE", "/tmp/ddpm_jax_test_compile_cache")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PLATFORMS="cpu",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), f"--config={REPO / 'configs/tiny.py'}",
+         f"--workdir={workdir}", f"--mode={mode}", *SMALL, *overrides],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """A workdir with a tiny diffusion checkpoint (random weights) and a classifier trained for 4
+    steps by `--mode=train_classifier`, then resumed to 6."""
+    workdir = tmp_path_factory.mktemp("models")
+    config = _config()
+    model = train_lib.create_model(config)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    state = _random_like(jax.eval_shape(lambda key: train_lib.init_state(
+        model, train_lib.create_optimizer(config), key, image_shape), jax.random.key(0)), 0)
+    ckpt = checkpointing.Checkpointer(str(workdir), max_to_keep=1)
+    ckpt.save(1, state, {"step": 1}, force=True)
+    ckpt.wait_until_finished()
+    ckpt.close()
+
+    log = _cli(workdir, "train_classifier")
+    assert "step 4/4" in log and "acc" in log and "steps/s" in log
+    resumed = _cli(workdir, "train_classifier", "--config.classifier.num_steps=6")
+    assert "Resumed the classifier from step 4" in resumed and "step 6/6" in resumed
+    return workdir
+
+
+def test_train_classifier_checkpoints_and_evaluates(trained_workdir):
+    directory = trained_workdir / "classifier"
+    steps = sorted(int(p.name) for p in (directory / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 6
+    result = json.loads((directory / "eval.json").read_text())
+    assert result["step"] == 6 and result["split"] == "test"
+    assert set(result["accuracy_by_timestep"]) == {"0", "25", "50", "75"}
+    assert all(0.0 <= a <= 1.0 for a in result["accuracy_by_timestep"].values())
+
+
+def test_sample_mode_with_classifier_guidance_and_labels(trained_workdir, caplog):
+    caplog.set_level(logging.INFO)
+    config = _config()
+    config.sample.sampler = "dpm_solver_pp_2m"
+    config.sample.classifier_scale = 2.0
+    config.sample.labels = "3,7"
+    config.sample.progress_every = 2
+    paths = generate.generate(config, str(trained_workdir))
+    assert paths["png"].endswith("samples_step1_dpm_solver_pp_2m5_w0_s2.png")
+    assert os.path.exists(paths["png"])
+    data = np.load(paths["npz"])
+    assert data["images"].shape == (16, 28, 28, 1) and data["images"].dtype == np.uint8
+    np.testing.assert_array_equal(data["labels"], np.resize([3, 7], 16))
+    # Progress after each chunk of 2 steps: steps 2, 4 and 5 of 5.
+    lines = [r.getMessage() for r in caplog.records if "steps/s" in r.getMessage()]
+    assert [line.split(" | ")[0] for line in lines] == [
+        f"sampling: step {k}/5" for k in (2, 4, 5)], lines
+    assert all("img/s" in line and "ETA" in line for line in lines)
+
+
+def test_guidance_sweep_writes_accuracy_per_scale(trained_workdir):
+    """The code path of the MNIST CFG-accuracy check (here on an untrained model, so the numbers
+    mean nothing): samples per class and scale, judged by evaluation.mnist_classifier."""
+    config = _config()
+    config.sample.sweep_scales = (0.0, 3.0)
+    config.sample.sweep_per_class = 1
+    result = generate.guidance_sweep(config, str(trained_workdir))
+    written = json.loads((trained_workdir / "guidance_sweep.json").read_text())
+    assert written == result
+    assert set(result["accuracy"]) == {"0", "3"}
+    for scale in ("0", "3"):
+        assert 0.0 <= result["accuracy"][scale] <= 1.0
+        assert len(result["accuracy_per_class"][scale]) == 10
+        np.testing.assert_allclose(np.mean(result["accuracy_per_class"][scale]),
+                                   result["accuracy"][scale])
