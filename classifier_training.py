@@ -88,8 +88,10 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> train_l
     model = create_classifier(config)
     schedule = schedules.schedule_from_name(config.diffusion.schedule,
                                             config.diffusion.num_timesteps)
-    # Keys of their own: the classifier must not reuse the diffusion model's draws.
-    init_key, train_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
+    # Streams of their own (the diffusion trainer draws from fold_in(seed key, 1)); parameters
+    # are initialised with "rbg", as train_lib does, because threefry init compiles slowly.
+    init_key = jax.random.fold_in(jax.random.key(config.seed, impl="rbg"), 2)
+    train_key = jax.random.fold_in(jax.random.key(config.seed), 2)
     abstract_state, init = _abstract_state(config, model, replicated)
 
     ckpt = checkpointing.Checkpointer(directory, max_to_keep=config.train.keep_checkpoints)

@@ -57,7 +57,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     name = f"samples_step{step}_{s.sampler}{sampler.num_steps}_w{s.guidance_scale:g}"
     if s.classifier_scale > 0:
         name += f"_s{s.classifier_scale:g}"
-    ncols = sampling_lib.grid_columns(s.num_samples, num_classes if not s.labels else 0)
+    ncols = sampling_lib.grid_columns(s.num_samples, 0 if s.labels.strip() else num_classes)
     paths = sampling_lib.write_samples(workdir, images, labels, ncols, name=name)
     if jax.process_index() == 0:
         logging.info("Wrote %s and %s", paths["png"], paths["npz"])

@@ -236,7 +236,7 @@ def write_samples(workdir: str, images: np.ndarray, labels: np.ndarray | None, n
     uint8 = metric_logging.to_uint8(images)
     png = os.path.join(workdir, f"{name}.png")
     npz = os.path.join(workdir, f"{name}.npz")
-    scale = max(1, 256 // (images.shape[1] * ncols))  # small digits: enlarge to be visible
+    scale = max(1, 600 // (images.shape[2] * ncols))  # small digits: enlarge to be visible
     metric_logging.save_png(png, metric_logging.make_grid(uint8, ncols), scale=scale)
     np.savez_compressed(npz, images=uint8,
                         labels=labels if labels is not None else np.zeros(0, np.int32))

@@ -106,6 +106,8 @@ def test_train_and_sample_on_mock_cifar10(tmp_path):
     config.data.random_flip = True
     config.model.num_classes = 0
     config.diffusion.p_uncond = 0.0
+    config.sample.guidance_scale = 0.0
+    config.eval.feature_net = "inception_v3"  # the MNIST classifier only fits 28x28x1
     with tfds.testing.mock_data(num_examples=32):
         state = train_lib.train(config, str(tmp_path))
     assert int(state.step) == 2

@@ -1,0 +1,163 @@
+"""Training and forward throughput of the project's UNet: ms/step, img/s, GFLOP/s, compile time.
+
+The step timed is the trainer's own (`train_lib.train_step`: q_sample, ε-MSE, Adam, EMA), on
+random data of the right shape. FLOPs come from XLA's cost analysis of the compiled step.
+
+    python bench/train_throughput.py --model small --batch 64 --fwd-batch 256 --out small.json
+    python bench/train_throughput.py --model cifar --batch 16 --fwd-batch 64 --out cifar.json
+    python bench/train_throughput.py --model cifar --batch 128 --dtype bfloat16   # on a GPU
+
+Side by side with PyTorch on the same machine (run one after the other, never together):
+
+    /tmp/torchref/bin/python ../shared/bench/torch_ddpm.py --model small --size 28 --in-ch 1 \
+        --mode flops train forward --train-batch 64 --fwd-batch 256 --out /tmp/torch_small.json
+
+Models (the architectures of ../shared/bench/torch_ddpm.py):
+  small: ch 32, ch_mult (1, 2, 2), 2 res blocks, attention at 14x14, GroupNorm 8, 28x28x1
+         (1,623,169 params);
+  cifar: the DDPM CIFAR-10 model, 32x32x3 (35,746,307 params).
+"""
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import train_lib  # noqa: E402
+from diffusion import gaussian, losses, schedules  # noqa: E402
+from models import UNet  # noqa: E402
+
+MODELS = {
+    "small": dict(size=28, channels=1, unet=dict(
+        ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(14,), num_groups=8,
+        dropout=0.1)),
+    "cifar": dict(size=32, channels=3, unet=dict(
+        ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), num_groups=32,
+        dropout=0.1)),
+}
+
+
+def _time(fn, *args, reps: int, iters: int) -> list[float]:
+    """Seconds per call, one median-able sample per rep."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / iters)
+    return samples
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def bench(args) -> dict:
+    spec = MODELS[args.model]
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    model = UNet(out_ch=spec["channels"], dtype=dtype, **spec["unet"])
+    schedule = schedules.schedule_from_name("linear", 1000)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(2e-4))
+    shape = (spec["size"], spec["size"], spec["channels"])
+    key = jax.random.key(0)
+
+    start = time.perf_counter()
+    state = jax.jit(functools.partial(train_lib.init_state, model, optimizer, image_shape=shape))(
+        jax.random.key(0, impl="rbg"))
+    jax.block_until_ready(state)
+    result = {"model": args.model, "dtype": args.dtype, "device": str(jax.devices()[0]),
+              "backend": jax.default_backend(), "jax": jax.__version__,
+              "params": sum(x.size for x in jax.tree.leaves(state.params)),
+              "init_s": time.perf_counter() - start}
+
+    def loss(params, batch, k):
+        x0 = batch["image"]
+        k_t, k_n, k_d = jax.random.split(k, 3)
+        t = jax.random.randint(k_t, (x0.shape[0],), 0, 1000)
+        noise = jax.random.normal(k_n, x0.shape)
+        x_t = gaussian.q_sample(schedule, x0, t, noise)
+        out = model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": k_d})
+        terms = losses.training_losses(schedule, out, x0, x_t, t, noise, prediction="eps",
+                                       var_type="fixed_large")
+        return jnp.mean(terms["loss"]), {}
+
+    if "train" in args.mode:
+        step = jax.jit(functools.partial(
+            train_lib.train_step, loss=loss, optimizer=optimizer, ema_decay=0.9999,
+            lr_fn=optax.constant_schedule(2e-4), base_key=key), donate_argnums=0)
+        batch = {"image": jax.random.normal(key, (args.batch, *shape))}
+        start = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - start
+        holder = {"state": state}
+
+        def run(b):
+            holder["state"], metrics = compiled(holder["state"], b)
+            return metrics["loss"]
+
+        secs = statistics.median(_time(run, batch, reps=args.reps, iters=args.iters))
+        flops = _flops(compiled)
+        result["train"] = {"batch": args.batch, "ms_per_step": 1e3 * secs,
+                           "img_per_s": args.batch / secs, "steps_per_s": 1 / secs,
+                           "compile_s": compile_s, "gflop_per_step": flops / 1e9,
+                           "gflop_per_s": flops / 1e9 / secs}
+        state = holder["state"]
+
+    if "forward" in args.mode:
+        fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
+        x = jax.random.normal(key, (args.fwd_batch, *shape))
+        t = jnp.full((args.fwd_batch,), 500, jnp.int32)
+        start = time.perf_counter()
+        compiled = fwd.lower(state.params, x, t).compile()
+        compile_s = time.perf_counter() - start
+        secs = statistics.median(_time(compiled, state.params, x, t, reps=args.reps,
+                                       iters=args.iters))
+        flops = _flops(compiled)
+        result["forward"] = {"batch": args.fwd_batch, "ms_per_call": 1e3 * secs,
+                             "img_per_s": args.fwd_batch / secs, "compile_s": compile_s,
+                             "gflop_per_image": flops / 1e9 / args.fwd_batch,
+                             "gflop_per_s": flops / 1e9 / secs}
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="small")
+    ap.add_argument("--mode", nargs="+", default=["train", "forward"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--fwd-batch", type=int, default=256)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    result = bench(args)
+    print(f"{'what':<10}{'batch':>7}{'ms':>10}{'img/s':>10}{'GFLOP/s':>10}{'compile s':>11}")
+    for what in ("train", "forward"):
+        if what in result:
+            r = result[what]
+            ms = r.get("ms_per_step", r.get("ms_per_call"))
+            print(f"{what:<10}{r['batch']:>7}{ms:>10.1f}{r['img_per_s']:>10.1f}"
+                  f"{r['gflop_per_s']:>10.1f}{r['compile_s']:>11.1f}")
+    print(f"{result['model']} {result['params']:,} params, {result['dtype']}, {result['device']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
