@@ -31,11 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 100
 
     config.train.batch_size = 64
-    config.train.num_steps = 800
+    config.train.num_steps = 700
     config.train.ema_decay = 0.995
     config.train.log_every = 50
     config.train.checkpoint_every = 200
-    config.train.sample_every = 400
+    config.train.sample_every = 350
     config.train.sample_num_steps = 50
 
     config.sample.num_samples = 100    # 10 rows of 10: one row per digit
