@@ -4,6 +4,7 @@
     python main.py --config=configs/mnist.py --workdir=workdirs/mnist --mode=sample
     python main.py --config=configs/mnist.py --workdir=workdirs/mnist --mode=eval   # bpd, FID
     python main.py --config=configs/mnist.py --workdir=workdirs/mnist --mode=guidance_sweep
+    python main.py --config=configs/mnist.py --workdir=workdirs/mnist --mode=figures   # PNGs
     python main.py --config=configs/mnist_classifier.py --workdir=workdirs/mnist \
         --mode=train_classifier                       # then --mode=sample: classifier guidance
     python main.py --config=configs/cifar.py --workdir=DIR --config.optim.lr=1e-4  # overrides
@@ -22,6 +23,7 @@ from ml_collections import config_flags
 import classifier_training
 import config_lib
 import evaluate
+import figures
 import generate
 import input_pipeline
 import train_lib
@@ -30,7 +32,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and samples go here.")
 flags.DEFINE_enum("mode", "train",
-                  ["train", "sample", "eval", "train_classifier", "guidance_sweep"],
+                  ["train", "sample", "eval", "train_classifier", "guidance_sweep", "figures"],
                   "What to do.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
 flags.DEFINE_string("coordinator_address", None,
@@ -67,6 +69,8 @@ def main(argv):
             classifier_training.train_classifier(FLAGS.config, FLAGS.workdir)
         elif FLAGS.mode == "guidance_sweep":
             generate.guidance_sweep(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "figures":
+            figures.make_figures(FLAGS.config, FLAGS.workdir)
     except (config_lib.ConfigError, input_pipeline.DatasetNotAvailableError,
             train_lib.NonFiniteLossError, FileNotFoundError) as e:
         # The message already names the bad value and the fix; a traceback would bury it.
