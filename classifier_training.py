@@ -55,10 +55,7 @@ def _abstract_state(config: ml_collections.ConfigDict, model: NoisyClassifier,
         return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                     ema_params=params, opt_state=_optimizer(config).init(params))
 
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-    return abstract, init
+    return train_lib.abstract_state(init, jax.random.key(0), sharding), init
 
 
 def loss_fn(params, batch: dict[str, jax.Array], key: jax.Array, *, model: NoisyClassifier,

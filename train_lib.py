@@ -92,6 +92,12 @@ def init_state(model: UNet, optimizer: optax.GradientTransformation, key: jax.Ar
                       opt_state=optimizer.init(params))
 
 
+def abstract_state(init_fn, key: jax.Array, sharding: NamedSharding) -> Any:
+    """The shapes and dtypes of `init_fn(key)`, placed on `sharding`, without allocating."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        jax.eval_shape(init_fn, key))
+
+
 # --- the update step -----------------------------------------------------------------------------
 
 def loss_fn(params, model: UNet, schedule: schedules.Schedule, args: config_lib.DiffusionArgs,
@@ -226,14 +232,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
 
     init_fn = functools.partial(init_state, model, optimizer, image_shape=image_shape)
-    abstract_state = jax.eval_shape(init_fn, init_key)
-    abstract_state = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)
-
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=tr.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
-        state, meta = ckpt.restore(latest, abstract_state)
+        state, meta = ckpt.restore(latest, abstract_state(init_fn, init_key, replicated))
         expected = latest * tr.batch_size
         if meta.get("examples_seen") != expected:
             raise ValueError(
@@ -336,11 +338,9 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, *,
     model = create_model(config)
     replicated = NamedSharding(make_mesh(), P())
     image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    abstract_state = jax.eval_shape(
-        functools.partial(init_state, model, create_optimizer(config), image_shape=image_shape),
-        jax.random.key(0, impl="rbg"))
-    abstract_state = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)
-    state, _ = ckpt.restore(step, abstract_state)
+    init_fn = functools.partial(init_state, model, create_optimizer(config),
+                                image_shape=image_shape)
+    state, _ = ckpt.restore(step, abstract_state(init_fn, jax.random.key(0, impl="rbg"),
+                                                 replicated))
     ckpt.close()
     return model, (state.ema_params if use_ema else state.params), step
