@@ -97,11 +97,56 @@ class Conv3x3(nn.Module):
         return y + bias.astype(self.dtype)
 
 
-def group_norm(num_groups: int, dtype: jnp.dtype, name: str) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+    """DDPM's `normalize`: GroupNorm over (spatial, C/groups) with float32 statistics.
+
+    Same parameters (`scale`, `bias` [C], float32) and the same numerics as `flax.linen.GroupNorm`
+    (one-pass E[x^2] - E[x]^2 variance, clamped at 0, as flax's default `use_fast_variance`), but
+    the statistics are taken as two reductions over the spatial axis of a [B, HW, C] view followed
+    by a tiny per-group sum. XLA-CPU runs flax's reduction over the 5-D [B, H, W, G, C/G] view
+    ~4x slower forward and backward; this formulation is what lets the UNet beat PyTorch on CPU.
+
+    Attributes:
+      num_groups: G; must divide the channel count.
+      epsilon: added to the variance.
+      dtype: dtype of the output; statistics and the affine map are computed in float32.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, ..., C] -> same shape in `dtype`."""
+        batch, channels = x.shape[0], x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(
+                f"GroupNorm: num_groups={self.num_groups} does not divide {channels} channels."
+            )
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        per_group = channels // self.num_groups
+        xf = x.astype(jnp.float32)
+        flat = xf.reshape(batch, -1, channels)
+        count = flat.shape[1] * per_group
+
+        def group_mean(v: jax.Array) -> jax.Array:  # [B, C] channel sums -> [B, G] group means
+            return v.reshape(batch, self.num_groups, per_group).sum(-1) / count
+
+        mean = group_mean(jnp.sum(flat, axis=1))
+        var = jnp.maximum(group_mean(jnp.sum(jnp.square(flat), axis=1)) - jnp.square(mean), 0.0)
+        inv = jax.lax.rsqrt(var + self.epsilon)
+        # y = x * a + c per (batch, channel): a = scale / std, c = bias - mean * a.
+        a = jnp.repeat(inv, per_group, axis=1) * scale
+        c = bias - jnp.repeat(mean, per_group, axis=1) * a
+        bshape = (batch,) + (1,) * (x.ndim - 2) + (channels,)
+        return (xf * a.reshape(bshape) + c.reshape(bshape)).astype(self.dtype)
+
+
+def group_norm(num_groups: int, dtype: jnp.dtype, name: str) -> GroupNorm:
     """DDPM's `normalize`: GroupNorm over (H, W, C/groups), eps 1e-6, float32 statistics."""
-    return nn.GroupNorm(
-        num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name
-    )
+    return GroupNorm(num_groups=num_groups, epsilon=1e-6, dtype=dtype, name=name)
 
 
 def nin(features: int, dtype: jnp.dtype, name: str, init_scale: float = 1.0) -> nn.Dense:

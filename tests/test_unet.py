@@ -15,7 +15,7 @@ import pytest
 
 from models import UNet
 from models.blocks import AttnBlock, Downsample, ResBlock, Upsample
-from models.layers import Conv3x3, get_timestep_embedding
+from models.layers import Conv3x3, GroupNorm, get_timestep_embedding
 
 CIFAR = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1)
 SMALL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(), num_groups=8)
@@ -409,3 +409,59 @@ def test_bad_inputs_fail_loudly():
         jax.eval_shape(
             lambda: cmodel.init(jax.random.key(0), x, t, None, jnp.zeros((2, 3)), train=False)
         )
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 6, 6, 8), 2), ((3, 5, 7, 12), 4), ((2, 9, 16), 8)])
+def test_group_norm_matches_float64_reference_and_flax(shape, groups):
+    """The fast GroupNorm equals GroupNorm in float64 numpy (values and gradients) and flax's."""
+    rng = np.random.default_rng(1)
+    # A mean of 3 against a spread of 2 exercises the one-pass E[x^2] - E[x]^2 variance.
+    x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32)
+    scale = (1 + 0.3 * rng.standard_normal(shape[-1])).astype(np.float32)
+    bias = (0.3 * rng.standard_normal(shape[-1])).astype(np.float32)
+    params = {"scale": scale, "bias": bias}
+    cot = rng.standard_normal(shape).astype(np.float32)
+
+    def np_gn(x, scale, bias):
+        b, c = x.shape[0], x.shape[-1]
+        xg = x.reshape(b, -1, groups, c // groups)
+        mean = xg.mean(axis=(1, 3), keepdims=True)
+        var = xg.var(axis=(1, 3), keepdims=True)
+        return ((xg - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
+
+    gn = GroupNorm(num_groups=groups)
+    got = gn.apply({"params": params}, x)
+    np.testing.assert_allclose(got, np_gn(x.astype(np.float64), scale, bias), rtol=1e-5, atol=2e-5)
+    ref = nn.GroupNorm(num_groups=groups, epsilon=1e-6).apply({"params": params}, x)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5)
+
+    # Gradients w.r.t. x and both parameters against central differences of the float64 map.
+    grads = jax.grad(lambda p, x: jnp.sum(gn.apply({"params": p}, x) * cot), (0, 1))(params, x)
+    x64, c64 = x.astype(np.float64), cot.astype(np.float64)
+    loss = lambda x, s, b: float(np.sum(np_gn(x, s, b) * c64))  # noqa: E731
+    eps = 1e-5
+    for _ in range(6):
+        idx = tuple(int(rng.integers(n)) for n in shape)
+        dx = np.zeros(shape)
+        dx[idx] = eps
+        fd = (loss(x64 + dx, scale, bias) - loss(x64 - dx, scale, bias)) / (2 * eps)
+        np.testing.assert_allclose(grads[1][idx], fd, rtol=1e-3, atol=1e-3)
+    ch = int(rng.integers(shape[-1]))
+    ds = np.zeros(shape[-1])
+    ds[ch] = eps
+    fd = (loss(x64, scale + ds, bias) - loss(x64, scale - ds, bias)) / (2 * eps)
+    np.testing.assert_allclose(grads[0]["scale"][ch], fd, rtol=1e-3, atol=1e-3)
+    fd = (loss(x64, scale, bias + ds) - loss(x64, scale, bias - ds)) / (2 * eps)
+    np.testing.assert_allclose(grads[0]["bias"][ch], fd, rtol=1e-3, atol=1e-3)
+
+
+def test_group_norm_bfloat16_output_and_bad_groups():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    gn = GroupNorm(num_groups=4, dtype=jnp.bfloat16)
+    params = gn.init(jax.random.key(1), x)
+    assert params["params"]["scale"].dtype == jnp.float32
+    out = gn.apply(params, x)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(np.float32), GroupNorm(4).apply(params, x), atol=2e-2)
+    with pytest.raises(ValueError, match="num_groups=3 does not divide 8"):
+        GroupNorm(num_groups=3).init(jax.random.key(1), x)
