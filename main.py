@@ -22,10 +22,10 @@ from ml_collections import config_flags
 
 import classifier_training
 import config_lib
+import cpu_runtime
 import evaluate
 import figures
 import generate
-import host_memory
 import input_pipeline
 import train_lib
 
@@ -51,7 +51,7 @@ def _quiet_libraries(record: logging_std.LogRecord) -> bool:
 
 def main(argv):
     del argv
-    host_memory.keep_freed_memory()  # before the first large buffer: see host_memory.py
+    cpu_runtime.configure()  # before jax's first computation: see cpu_runtime.py
     logging.get_absl_handler().addFilter(_quiet_libraries)
     if FLAGS.multihost:
         # Cross-process collectives between CPU devices go through gloo (no effect on GPU/TPU).

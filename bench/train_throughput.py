@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-import host_memory  # noqa: E402
+import cpu_runtime  # noqa: E402
 import train_lib  # noqa: E402
 from diffusion import gaussian, losses, schedules  # noqa: E402
 from models import UNet  # noqa: E402
@@ -137,7 +137,7 @@ def bench(args) -> dict:
 
 
 def main():
-    host_memory.keep_freed_memory()
+    cpu_runtime.configure()  # before jax's first computation
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="small")
     ap.add_argument("--mode", nargs="+", default=["train", "forward"])

@@ -7,6 +7,6 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import host_memory  # noqa: E402
+import cpu_runtime  # noqa: E402  (after XLA_FLAGS above, before jax)
 
-host_memory.keep_freed_memory()  # the tests run ~10% faster without page faults per buffer
+cpu_runtime.configure()  # the tests run the XLA flags and allocator users get

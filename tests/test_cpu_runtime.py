@@ -1,0 +1,85 @@
+"""cpu_runtime: the XLA-CPU flags and the allocator setting that main.py applies."""
+
+import ctypes
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cpu_runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+def test_keep_freed_memory_reuses_large_blocks():
+    """A 64 MB block comes from the heap (below the program break), not from a fresh mmap."""
+    code = (
+        "import ctypes, sys, cpu_runtime\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p\n"
+        "libc.sbrk.argtypes = (ctypes.c_long,)\n"
+        "applied = cpu_runtime.keep_freed_memory() if sys.argv[1] == '1' else None\n"
+        "p = libc.malloc(64 << 20)\n"
+        "print(applied, p < libc.sbrk(0))\n"
+    )
+
+    def run(arg):
+        return subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
+                              check=True, cwd=ROOT).stdout.split()
+
+    assert run("1") == ["True", "True"]  # applied; the block lies in the heap
+    assert run("0") == ["None", "False"]  # glibc's default maps a 64 MB block on its own
+
+
+def test_keep_freed_memory_is_a_no_op_without_mallopt(monkeypatch):
+    def no_libc(*args, **kwargs):
+        raise OSError("no C library")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    assert cpu_runtime.keep_freed_memory() is False
+
+
+_CONV_HLO = (
+    "import sys, cpu_runtime\n"
+    "print(cpu_runtime.add_xla_cpu_flags())\n"
+    "import jax, jax.numpy as jnp\n"
+    "x = jnp.ones((8, 16, 16, 32)); w = jnp.ones((3, 3, 32, 32))\n"
+    "conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',\n"
+    "    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+    "hlo = jax.jit(conv).lower(x, w).compile().as_text()\n"
+    "print('ynn_fusion' not in hlo)\n"
+)
+
+
+def _run_conv_probe(xla_flags: str) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = xla_flags
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", _CONV_HLO], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env=env)
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(importlib.metadata.version("jaxlib") not in cpu_runtime.TESTED_JAXLIB,
+                    reason="the flag is only added for the jaxlib versions it was measured on")
+def test_xla_flags_take_convolutions_out_of_ynnpack():
+    """With the flag XLA keeps the 3x3 conv as a plain convolution (its Eigen path)."""
+    added, plain_conv = _run_conv_probe("")
+    assert added == "True" and plain_conv == "True"
+    # A user's own choice of YNN fusion types is left alone: jaxlib's default fuses the conv.
+    stock = "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    added, plain_conv = _run_conv_probe(stock)
+    assert added == "False" and plain_conv == "False"
+
+
+def test_xla_flags_skipped_for_untested_jaxlib(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9")
+    assert cpu_runtime.add_xla_cpu_flags() is False
+    assert "XLA_FLAGS" not in os.environ
