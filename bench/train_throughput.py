@@ -68,6 +68,13 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
+def matmul_peak(n: int = 2048) -> float:
+    """The machine's practical float32 matmul rate in GFLOP/s (the 'fraction of peak' base)."""
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    secs = statistics.median(_time(jax.jit(jnp.dot), a, a, reps=7, iters=1))
+    return 2 * n**3 / secs / 1e9
+
+
 def bench(args) -> dict:
     spec = MODELS[args.model]
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
@@ -149,13 +156,18 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result = bench(args)
-    print(f"{'what':<10}{'batch':>7}{'ms':>10}{'img/s':>10}{'GFLOP/s':>10}{'compile s':>11}")
+    result["matmul_peak_gflop_per_s"] = peak = matmul_peak()
+    print(f"{'what':<10}{'batch':>7}{'ms':>10}{'img/s':>10}{'GFLOP/s':>10}{'of peak':>9}"
+          f"{'compile s':>11}")
     for what in ("train", "forward"):
         if what in result:
             r = result[what]
+            r["fraction_of_matmul_peak"] = r["gflop_per_s"] / peak
             ms = r.get("ms_per_step", r.get("ms_per_call"))
             print(f"{what:<10}{r['batch']:>7}{ms:>10.1f}{r['img_per_s']:>10.1f}"
-                  f"{r['gflop_per_s']:>10.1f}{r['compile_s']:>11.1f}")
+                  f"{r['gflop_per_s']:>10.1f}{r['fraction_of_matmul_peak']:>9.0%}"
+                  f"{r['compile_s']:>11.1f}")
+    print(f"matmul peak (2048x2048 float32, median of 7): {peak:.0f} GFLOP/s")
     print(f"{result['model']} {result['params']:,} params, {result['dtype']}, {result['device']}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
