@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers import Conv3x3, group_norm, nin
+from models.layers import Conv3x3, UpsampleConv3x3, group_norm, nin
 
 
 class ResBlock(nn.Module):
@@ -130,8 +130,8 @@ class Upsample(nn.Module):
         _, hgt, wid, _ = x.shape
         if not (2 * hgt - 1 <= out_hw[0] <= 2 * hgt and 2 * wid - 1 <= out_hw[1] <= 2 * wid):
             raise ValueError(f"Upsample from {(hgt, wid)} cannot reach {out_hw} by x2 + crop.")
+        if self.with_conv:
+            return UpsampleConv3x3(x.shape[-1], dtype=self.dtype, name="conv")(x, out_hw)
         x = jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
         x = x[:, : out_hw[0], : out_hw[1], :]
-        if self.with_conv:
-            x = Conv3x3(x.shape[-1], dtype=self.dtype, name="conv")(x)
         return x

@@ -15,7 +15,7 @@ import pytest
 
 from models import UNet
 from models.blocks import AttnBlock, Downsample, ResBlock, Upsample
-from models.layers import Conv3x3, GroupNorm, get_timestep_embedding
+from models.layers import Conv3x3, GroupNorm, UpsampleConv3x3, get_timestep_embedding
 
 CIFAR = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1)
 SMALL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(), num_groups=8)
@@ -465,3 +465,28 @@ def test_group_norm_bfloat16_output_and_bad_groups():
     np.testing.assert_allclose(out.astype(np.float32), GroupNorm(4).apply(params, x), atol=2e-2)
     with pytest.raises(ValueError, match="num_groups=3 does not divide 8"):
         GroupNorm(num_groups=3).init(jax.random.key(1), x)
+
+
+@pytest.mark.parametrize("out_hw", [(10, 12), (9, 11), (10, 11)])
+def test_upsample_conv_equals_nearest_upsample_then_conv(out_hw):
+    """The sub-pixel form (even sizes) and the crop route (odd) equal repeat + crop + Conv3x3."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 4))
+    up = UpsampleConv3x3(features=3)
+    params = up.init(jax.random.key(1), x, out_hw)
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
+    conv = Conv3x3(features=3)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, conv.init(jax.random.key(1), x))  # same parameters as the conv it replaces
+
+    def reference(p, x):
+        u = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)[:, : out_hw[0], : out_hw[1]]
+        return conv.apply(p, u)
+
+    got = up.apply(params, x, out_hw)
+    assert got.shape == (2, *out_hw, 3)
+    np.testing.assert_allclose(got, reference(params, x), rtol=1e-5, atol=1e-5)
+    cot = jax.random.normal(jax.random.key(3), got.shape)
+    g_got = jax.grad(lambda p, x: jnp.sum(up.apply(p, x, out_hw) * cot), (0, 1))(params, x)
+    g_ref = jax.grad(lambda p, x: jnp.sum(reference(p, x) * cot), (0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
