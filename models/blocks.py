@@ -49,6 +49,39 @@ class ResBlock(nn.Module):
         return x.astype(self.dtype) + h
 
 
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax_j(q_i . k_j) v_j for [B, N, C] inputs (q already scaled); float32 logits.
+
+    The forward pass normalises after the product with v (dividing N x C numbers, not N x N),
+    1.5x faster per attention block on XLA-CPU than softmax-then-product; the backward pass is
+    the usual softmax gradient, which XLA-CPU runs faster than the gradient of that form.
+    """
+    return _attention_fwd(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+    logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, N, N] float32
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    out = jnp.einsum("bij,bjc->bic", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / total).astype(v.dtype), (q, k, v, e / total)
+
+
+def _attention_bwd(residuals, d_out):
+    q, k, v, w = residuals  # w: the softmax weights, float32
+    d_out = d_out.astype(jnp.float32)
+    d_v = jnp.einsum("bij,bic->bjc", w, d_out)
+    d_w = jnp.einsum("bic,bjc->bij", d_out, v.astype(jnp.float32))
+    d_logits = w * (d_w - jnp.sum(d_w * w, axis=-1, keepdims=True))
+    d_q = jnp.einsum("bij,bjc->bic", d_logits, k.astype(jnp.float32))
+    d_k = jnp.einsum("bij,bic->bjc", d_logits, q.astype(jnp.float32))
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with a residual connection.
 
@@ -74,13 +107,7 @@ class AttnBlock(nn.Module):
         q = nin(c, self.dtype, "q")(h).reshape(b, hgt * wid, c)
         k = nin(c, self.dtype, "k")(h).reshape(b, hgt * wid, c)
         v = nin(c, self.dtype, "v")(h).reshape(b, hgt * wid, c)
-        # Scaling q (HW x C) rather than the logits (HW x HW), and normalising the softmax after
-        # the product with v (dividing HW x C rather than HW x HW), is the same arithmetic up to
-        # rounding and made this block 1.5x faster forward, 2x with its gradient, on XLA-CPU.
-        logits = jnp.einsum("bic,bjc->bij", q * c**-0.5, k, preferred_element_type=jnp.float32)
-        e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, HW, HW], float32
-        h = jnp.einsum("bij,bjc->bic", e.astype(self.dtype), v, preferred_element_type=jnp.float32)
-        h = (h / jnp.sum(e, axis=-1, keepdims=True)).astype(self.dtype).reshape(b, hgt, wid, c)
+        h = attention(q * c**-0.5, k, v).reshape(b, hgt, wid, c)
         h = nin(c, self.dtype, "proj_out", init_scale=0.0)(h)
         return x.astype(self.dtype) + h
 

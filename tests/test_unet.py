@@ -490,3 +490,31 @@ def test_upsample_conv_equals_nearest_upsample_then_conv(out_hw):
     g_ref = jax.grad(lambda p, x: jnp.sum(reference(p, x) * cot), (0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_custom_vjp_matches_softmax_autodiff(dtype):
+    """blocks.attention (normalise after the product; hand-written backward) = plain softmax."""
+    from models.blocks import attention
+
+    kq, kk, kv, kc = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(kx, (2, 10, 6)) for kx in (kq, kk, kv))
+    cot = jax.random.normal(kc, (2, 10, 6))
+
+    def plain(q, k, v):
+        w = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k), axis=-1)
+        return jnp.einsum("bij,bjc->bic", w, v)
+
+    def loss(fn, *args):
+        return jnp.sum(fn(*args).astype(jnp.float32) * cot)
+
+    args = tuple(a.astype(dtype) for a in (q, k, v))
+    got = attention(*args)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(got.astype(np.float32), plain(q, k, v), rtol=tol, atol=tol)
+    g_got = jax.grad(lambda *a: loss(attention, *a), (0, 1, 2))(*args)
+    g_ref = jax.grad(lambda *a: loss(plain, *a), (0, 1, 2))(q, k, v)
+    for a, b in zip(g_got, g_ref, strict=True):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a.astype(np.float32), b, rtol=tol, atol=tol * 4)
