@@ -202,10 +202,10 @@ def reverse_chain(model_fn: samplers.ModelFn, schedule: schedules.Schedule,
     step keys, its loop (samplers.sample_steps, a fori_loop) jitted once with traced bounds and
     run in chunks that stop only to read the state. Snapshot s is the input x_t of loop iteration
     j_s (j_0 = 0 is x_T, the last is the final step) and the x̂_0 predicted there; t is the
-    original timestep of that iteration. sampler: "ancestral" or "ddim" (uniform respacing).
+    original timestep of that iteration, from the sampler's own respacing.
     """
     num = num_steps or schedule.num_timesteps
-    timestep_map = schedules.space_timesteps(schedule.num_timesteps, num)  # as the sampler's
+    timestep_map = np.asarray(samplers.respaced_for(schedule, num, sampler)[1])
     init_key, loop_key = jax.random.split(key)  # as samplers.sample splits it
     state = samplers.init_state(jax.random.normal(init_key, shape, jnp.float32))
 

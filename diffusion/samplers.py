@@ -221,10 +221,11 @@ def dpm_solver_pp_2m_step(
     return x_prev.astype(x_t.dtype), pred_x0.astype(x_t.dtype)
 
 
-def _steps_schedule(
+def respaced_for(
     schedule: Schedule, num_steps: int | None, sampler: str
 ) -> tuple[Schedule, jnp.ndarray]:
-    """The schedule the loop walks (respaced when num_steps < T) and its int32 timestep_map [K]."""
+    """The schedule `sampler`'s loop walks (respaced when num_steps < T) and its int32
+    timestep_map [K]: loop iteration j feeds the model the original timestep map[K - 1 - j]."""
     if num_steps is None or num_steps == schedule.num_timesteps:
         return schedule, jnp.arange(schedule.num_timesteps, dtype=jnp.int32)
     spacing = "logsnr" if sampler == "dpm_solver_pp_2m" else "uniform"
@@ -257,7 +258,7 @@ def sample_steps(
     check_choice("sampler", sampler, SAMPLERS)
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("var_type", var_type, VAR_TYPES)
-    steps_schedule, timestep_map = _steps_schedule(schedule, num_steps, sampler)
+    steps_schedule, timestep_map = respaced_for(schedule, num_steps, sampler)
     num = steps_schedule.num_timesteps
     batch = state.x.shape[0]
     channels = state.x.shape[-1]
