@@ -29,12 +29,20 @@ import generate
 import input_pipeline
 import train_lib
 
+# --mode -> what it runs, each called as fn(config, workdir).
+MODES = {
+    "train": train_lib.train,
+    "sample": generate.generate,
+    "eval": evaluate.evaluate,
+    "train_classifier": classifier_training.train_classifier,
+    "guidance_sweep": generate.guidance_sweep,
+    "figures": figures.make_figures,
+}
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and samples go here.")
-flags.DEFINE_enum("mode", "train",
-                  ["train", "sample", "eval", "train_classifier", "guidance_sweep", "figures"],
-                  "What to do.")
+flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 (multihost only; else detected from the cluster).")
@@ -61,18 +69,7 @@ def main(argv):
     logging.info("JAX %s: process %d/%d, %d devices (%s).", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)
     try:
-        if FLAGS.mode == "train":
-            train_lib.train(FLAGS.config, FLAGS.workdir)
-        elif FLAGS.mode == "sample":
-            generate.generate(FLAGS.config, FLAGS.workdir)
-        elif FLAGS.mode == "eval":
-            evaluate.evaluate(FLAGS.config, FLAGS.workdir)
-        elif FLAGS.mode == "train_classifier":
-            classifier_training.train_classifier(FLAGS.config, FLAGS.workdir)
-        elif FLAGS.mode == "guidance_sweep":
-            generate.guidance_sweep(FLAGS.config, FLAGS.workdir)
-        elif FLAGS.mode == "figures":
-            figures.make_figures(FLAGS.config, FLAGS.workdir)
+        MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
     except (config_lib.ConfigError, input_pipeline.DatasetNotAvailableError,
             train_lib.NonFiniteLossError, FileNotFoundError) as e:
         # The message already names the bad value and the fix; a traceback would bury it.
