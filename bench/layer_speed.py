@@ -14,7 +14,6 @@ fusion types are left alone by `cpu_runtime.configure()`.
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,20 +25,14 @@ cpu_runtime.configure()
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from train_throughput import time_calls  # noqa: E402  (bench/ is sys.path[0])
 
 from models.blocks import AttnBlock  # noqa: E402
 from models.layers import GroupNorm, UpsampleConv3x3  # noqa: E402
 
 
 def _median_s(fn, *args, reps: int = 15) -> float:
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_calls(jax.jit(fn), *args, reps=reps, iters=1))
 
 
 def _fwd_and_grad(apply, params, x) -> tuple[float, float]:

@@ -47,7 +47,7 @@ MODELS = {
 }
 
 
-def _time(fn, *args, reps: int, iters: int) -> list[float]:
+def time_calls(fn, *args, reps: int, iters: int) -> list[float]:
     """Seconds per call, one median-able sample per rep."""
     out = fn(*args)
     jax.block_until_ready(out)
@@ -71,7 +71,7 @@ def _flops(compiled) -> float:
 def matmul_peak(n: int = 2048) -> float:
     """The machine's practical float32 matmul rate in GFLOP/s (the 'fraction of peak' base)."""
     a = jax.random.normal(jax.random.key(0), (n, n))
-    secs = statistics.median(_time(jax.jit(jnp.dot), a, a, reps=7, iters=1))
+    secs = statistics.median(time_calls(jax.jit(jnp.dot), a, a, reps=7, iters=1))
     return 2 * n**3 / secs / 1e9
 
 
@@ -118,7 +118,7 @@ def bench(args) -> dict:
             holder["state"], metrics = compiled(holder["state"], b)
             return metrics["loss"]
 
-        secs = statistics.median(_time(run, batch, reps=args.reps, iters=args.iters))
+        secs = statistics.median(time_calls(run, batch, reps=args.reps, iters=args.iters))
         flops = _flops(compiled)
         result["train"] = {"batch": args.batch, "ms_per_step": 1e3 * secs,
                            "img_per_s": args.batch / secs, "steps_per_s": 1 / secs,
@@ -133,7 +133,7 @@ def bench(args) -> dict:
         start = time.perf_counter()
         compiled = fwd.lower(state.params, x, t).compile()
         compile_s = time.perf_counter() - start
-        secs = statistics.median(_time(compiled, state.params, x, t, reps=args.reps,
+        secs = statistics.median(time_calls(compiled, state.params, x, t, reps=args.reps,
                                        iters=args.iters))
         flops = _flops(compiled)
         result["forward"] = {"batch": args.fwd_batch, "ms_per_call": 1e3 * secs,
