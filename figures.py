@@ -240,15 +240,20 @@ def _figure_labels(num_images: int, num_classes: int) -> np.ndarray | None:
     return np.arange(num_images, dtype=np.int32) % num_classes if num_classes else None
 
 
+def _restore(config: ml_collections.ConfigDict, workdir: str):
+    """(model, params, step) of the latest checkpoint, EMA params when config.sample.use_ema."""
+    return train_lib.restore_params(config, workdir, use_ema=config.sample.use_ema)
+
+
 def reverse_chain_figure(path: str, config: ml_collections.ConfigDict, workdir: str, *,
                          num_images: int = 1, ancestral_steps: int = 100, ddim_steps: int = 50,
                          num_snapshots: int = 10, seed: int = 0,
-                         size_px: tuple[int, int] = (1200, 520)) -> str:
+                         size_px: tuple[int, int] = (1200, 520), restored=None) -> str:
     """Rows: ancestral x_t, ancestral x̂_0, DDIM x_t, DDIM x̂_0, at num_snapshots steps of one
     run each from the latest checkpoint (same key, hence the same x_T). Class-conditional models
-    get labels 0, 1, ... and config.sample.guidance_scale; the steps are capped at T."""
-    model, params, step = train_lib.restore_params(config, workdir,
-                                                   use_ema=config.sample.use_ema)
+    get labels 0, 1, ... and config.sample.guidance_scale; the steps are capped at T.
+    `restored` is an already restored (model, params, step) of that checkpoint, if any."""
+    model, params, step = restored or _restore(config, workdir)
     schedule = schedules.schedule_from_name(config.diffusion.schedule,
                                             config.diffusion.num_timesteps)
     shape = (num_images, config.data.image_size, config.data.image_size,
@@ -285,17 +290,18 @@ def reverse_chain_figure(path: str, config: ml_collections.ConfigDict, workdir: 
 def guidance_figure(path: str, config: ml_collections.ConfigDict, workdir: str, *,
                     scales: tuple[float, ...] = (0.0, 1.0, 3.0, 5.0), per_class: int = 1,
                     num_steps: int = 100, seed: int = 0,
-                    size_px: tuple[int, int] = (1000, 480)) -> tuple[str, dict]:
+                    size_px: tuple[int, int] = (1000, 480),
+                    restored=None) -> tuple[str, dict]:
     """CFG scales (rows) × classes (columns) from the latest checkpoint, per_class samples each.
 
     Each row is labelled with the offline MNIST classifier's accuracy on the samples shown and,
     when <workdir>/guidance_sweep.json has that scale, the sweep's accuracy (more samples).
-    Returns (path, {"shown": {scale: acc}, "sweep": {scale: acc}}).
+    `restored` as in reverse_chain_figure. Returns (path, {"shown": {scale: acc}, "sweep":
+    {scale: acc}}).
     """
     from evaluation import mnist_classifier  # only this figure needs the weights
 
-    model, params, step = train_lib.restore_params(config, workdir,
-                                                   use_ema=config.sample.use_ema)
+    model, params, step = restored or _restore(config, workdir)
     if not model.num_classes:
         raise ValueError("guidance_figure needs a class-conditional model (model.num_classes).")
     schedule = schedules.schedule_from_name(config.diffusion.schedule,
@@ -424,12 +430,14 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> dict[str, s
                                     num_timesteps=T)[0],
     }
     logging.info("Wrote %s", ", ".join(paths.values()))
+    restored = _restore(config, workdir)  # once, for both checkpoint figures
     paths["reverse_chain"] = reverse_chain_figure(os.path.join(out, "reverse_chain.png"),
-                                                  config, workdir)
+                                                  config, workdir, restored=restored)
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     if config.model.num_classes == 10 and config.diffusion.p_uncond > 0 and shape == (28, 28, 1):
         paths["guidance"] = guidance_figure(os.path.join(out, "guidance.png"), config,
-                                            workdir, seed=config.sample.seed)[0]
+                                            workdir, seed=config.sample.seed,
+                                            restored=restored)[0]
     else:
         logging.info("Skipped the guidance figure: it needs a class-conditional 28x28x1 model "
                      "with 10 classes trained with p_uncond > 0.")

@@ -2,6 +2,7 @@
 sampler's run, TensorBoard events read back; the checkpoint figures on a 2-step tiny run."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,23 @@ def test_reverse_chain_and_guidance_figures(tiny_run, tmp_path):
     assert set(accuracy["shown"]) == {0.0, 3.0}
     assert all(0.0 <= a <= 1.0 for a in accuracy["shown"].values())
     assert accuracy["sweep"] == {3.0: 0.875}  # read from the json, for the scales it has
+
+
+def test_make_figures_writes_all_six_restoring_the_checkpoint_once(tiny_run, monkeypatch):
+    config, workdir = tiny_run
+    calls = []
+    restore = train_lib.restore_params
+
+    def counting_restore(*args, **kwargs):
+        calls.append(args)
+        return restore(*args, **kwargs)
+
+    monkeypatch.setattr(train_lib, "restore_params", counting_restore)
+    paths = figures.make_figures(config, str(workdir))
+    assert sorted(paths) == ["forward_process", "guidance", "isotropy", "reverse_chain",
+                             "schedules", "training_curves"]
+    assert all(os.path.getsize(p) > 0 for p in paths.values())
+    assert len(calls) == 1  # one restore serves the reverse-chain and the guidance figures
 
 
 def test_training_curves_from_the_runs_events(tiny_run, tmp_path):
