@@ -7,11 +7,12 @@ from configs import mnist
 
 def get_config() -> ml_collections.ConfigDict:
     config = mnist.get_config()
-    config.model.ch = 8
-    config.model.ch_mult = (1, 2)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = ()
-    config.model.num_groups = 4
+    for net in (config.model, config.classifier):  # the UNet and the noise-aware classifier
+        net.ch = 8
+        net.ch_mult = (1, 2)
+        net.num_res_blocks = 1
+        net.attn_resolutions = ()
+        net.num_groups = 4
     config.diffusion.num_timesteps = 100
     config.optim.warmup_steps = 2
     config.train.batch_size = 16
@@ -24,11 +25,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.batch_size = 16
     config.sample.num_steps = 5
     config.sample.guidance_scale = 0.0
-    config.classifier.ch = 8
-    config.classifier.ch_mult = (1, 2)
-    config.classifier.num_res_blocks = 1
-    config.classifier.attn_resolutions = ()
-    config.classifier.num_groups = 4
     config.classifier.batch_size = 16
     config.classifier.num_steps = 4
     config.classifier.log_every = 2
