@@ -14,6 +14,7 @@ exactly that size):
   training_curves_figure   train/loss and eval bits/dim from the run's TensorBoard events
 """
 
+import functools
 import glob
 import json
 import os
@@ -26,6 +27,7 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
+import cpu_runtime
 import input_pipeline
 import metric_logging
 import sampling_lib
@@ -209,7 +211,7 @@ def reverse_chain(model_fn: samplers.ModelFn, schedule: schedules.Schedule,
     init_key, loop_key = jax.random.split(key)  # as samplers.sample splits it
     state = samplers.init_state(jax.random.normal(init_key, shape, jnp.float32))
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=cpu_runtime.inference_compiler_options())
     def run(state, start, stop):
         return samplers.sample_steps(model_fn, schedule, state, loop_key, start, stop,
                                      sampler=sampler, num_steps=num, eta=eta,

@@ -25,6 +25,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import cpu_runtime
 import metric_logging
 from diffusion import guidance, samplers, schedules
 from models import NoisyClassifier, UNet, classifier_log_prob_grad
@@ -121,8 +122,11 @@ class Sampler:
                 clip_x0=clip_x0, cond_fn=cond_fn)
 
         rep, data = self._replicated, self._data
+        # Forward passes only, unless the classifier's gradient is taken: that one runs 16%
+        # slower with the inference options (measured: the MNIST classifier at batch 64).
+        options = None if use_classifier else cpu_runtime.inference_compiler_options()
         self._chunk = jax.jit(chunk, in_shardings=(rep, rep, data, data, rep, rep, rep),
-                              out_shardings=data, donate_argnums=2)
+                              out_shardings=data, donate_argnums=2, compiler_options=options)
 
     def _inputs(self, params, classifier_params, key: jax.Array, labels: np.ndarray | None):
         """(params, classifier_params, state, labels, loop key), placed as the chunk wants them."""

@@ -127,7 +127,8 @@ def bench(args) -> dict:
         state = holder["state"]
 
     if "forward" in args.mode:
-        fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
+        fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False),
+                      compiler_options=cpu_runtime.inference_compiler_options())
         x = jax.random.normal(key, (args.fwd_batch, *shape))
         t = jnp.full((args.fwd_batch,), 500, jnp.int32)
         start = time.perf_counter()

@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import cpu_runtime
 import input_pipeline
 import metric_logging
 from diffusion import gaussian, losses
@@ -75,7 +76,7 @@ class BoundEvaluator:
         rows = NamedSharding(mesh, P(None, "data"))
         self._terms = jax.jit(
             terms, in_shardings=(replicated, data, data, rows, replicated, replicated),
-            out_shardings=(data, data))
+            out_shardings=(data, data), compiler_options=cpu_runtime.inference_compiler_options())
         self._data, self._rows = data, rows
 
     def __call__(self, params, x0: np.ndarray, labels: np.ndarray, timesteps: np.ndarray,

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers import Conv3x3, UpsampleConv3x3, group_norm, nin
+from models.layers import Conv3x3, UpsampleConv3x3, group_norm, nin, swish
 
 
 class ResBlock(nn.Module):
@@ -38,10 +38,10 @@ class ResBlock(nn.Module):
         `train` is positional (not keyword-only) so `nn.remat(ResBlock, static_argnums=(3,))`
         can mark it static.
         """
-        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm1")(x))
+        h = group_norm(self.num_groups, self.dtype, "norm1", swish=True)(x)
         h = Conv3x3(self.out_ch, dtype=self.dtype, name="conv1")(h)
-        h = h + nin(self.out_ch, self.dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm2")(h))
+        h = h + nin(self.out_ch, self.dtype, "temb_proj")(swish(temb))[:, None, None, :]
+        h = group_norm(self.num_groups, self.dtype, "norm2", swish=True)(h)
         h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
         h = Conv3x3(self.out_ch, init_scale=0.0, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_ch:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from models.blocks import AttnBlock, Downsample, ResBlock
-from models.layers import Conv3x3, get_timestep_embedding, group_norm, nin
+from models.layers import Conv3x3, get_timestep_embedding, group_norm, nin, swish
 
 
 class NoisyClassifier(nn.Module):
@@ -55,7 +55,7 @@ class NoisyClassifier(nn.Module):
 
         temb = get_timestep_embedding(t, self.ch)  # [B, ch]
         temb = nin(temb_ch, self.dtype, "temb_dense0")(temb)
-        temb = nin(temb_ch, self.dtype, "temb_dense1")(nn.swish(temb))  # [B, 4 ch]
+        temb = nin(temb_ch, self.dtype, "temb_dense1")(swish(temb))  # [B, 4 ch]
 
         def resnet(out_ch: int, name: str) -> ResBlock:
             return ResBlock(out_ch, self.dropout, self.num_groups, self.dtype, name=name)
@@ -77,7 +77,7 @@ class NoisyClassifier(nn.Module):
         h = attn("mid_attn_1")(h)
         h = resnet(h.shape[-1], "mid_block_2")(h, temb, train)
 
-        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm_out")(h))
+        h = group_norm(self.num_groups, self.dtype, "norm_out", swish=True)(h)
         h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))  # [B, C]: adaptive average pool
         logits = nin(self.num_classes, jnp.float32, "head", init_scale=0.0)(h)
         return logits  # [B, K] float32

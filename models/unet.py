@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from models.blocks import AttnBlock, Downsample, ResBlock, Upsample
-from models.layers import Conv3x3, get_timestep_embedding, group_norm, nin
+from models.layers import Conv3x3, get_timestep_embedding, group_norm, nin, swish
 
 
 class UNet(nn.Module):
@@ -105,7 +105,7 @@ class UNet(nn.Module):
         # Timestep (+ label, + conditioning) embedding, [B, 4 ch].
         temb = get_timestep_embedding(t, self.ch)
         temb = nin(temb_ch, self.dtype, "temb_dense0")(temb)
-        temb = nin(temb_ch, self.dtype, "temb_dense1")(nn.swish(temb))
+        temb = nin(temb_ch, self.dtype, "temb_dense1")(swish(temb))
         if self.num_classes > 0:
             if y is None:
                 y = jnp.full((batch,), self.num_classes, jnp.int32)
@@ -157,7 +157,7 @@ class UNet(nn.Module):
         assert not hs, "every skip connection must be consumed"
 
         # End.
-        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm_out")(h))
+        h = group_norm(self.num_groups, self.dtype, "norm_out", swish=True)(h)
         h = Conv3x3(self.out_ch, init_scale=0.0, dtype=self.dtype, name="conv_out")(h)
         return h.astype(jnp.float32)
 

@@ -83,3 +83,27 @@ def test_xla_flags_skipped_for_untested_jaxlib(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9")
     assert cpu_runtime.add_xla_cpu_flags() is False
     assert "XLA_FLAGS" not in os.environ
+
+
+def test_inference_compiler_options(monkeypatch):
+    """Forward-only programs get YNN's element-wise fusion too, unless the user chose YNN types,
+    the jaxlib is untested or the backend is not the CPU; XLA accepts the option."""
+    import jax
+
+    monkeypatch.setenv("XLA_FLAGS", " ".join(cpu_runtime.XLA_CPU_FLAGS))
+    options = cpu_runtime.inference_compiler_options()
+    if importlib.metadata.version("jaxlib") in cpu_runtime.TESTED_JAXLIB:
+        assert options == {"xla_cpu_experimental_ynn_fusion_type":
+                           cpu_runtime.INFERENCE_YNN_FUSION_TYPES}
+        fn = jax.jit(lambda x: jax.nn.relu(x) * 2, compiler_options=options)
+        np_out = jax.device_get(fn(jax.numpy.arange(-2.0, 2.0)))
+        assert list(np_out) == [0.0, 0.0, 0.0, 2.0]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=+"
+                       "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")
+    assert cpu_runtime.inference_compiler_options() == {}
+    monkeypatch.setenv("XLA_FLAGS", " ".join(cpu_runtime.XLA_CPU_FLAGS))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert cpu_runtime.inference_compiler_options() == {}
+    monkeypatch.undo()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9")
+    assert cpu_runtime.inference_compiler_options() == {}
