@@ -13,6 +13,11 @@ Multi-host (TPU pods, GPU clusters): launch the same command on every host with 
 jax.distributed.initialize() reads the cluster from the environment.
 """
 
+import cpu_runtime
+
+if __name__ == "__main__":  # first, so the restart (cpu_runtime.py, section 3) costs no imports
+    cpu_runtime.restart_with_huge_page_malloc()
+
 import logging as logging_std
 import sys
 
@@ -22,7 +27,6 @@ from ml_collections import config_flags
 
 import classifier_training
 import config_lib
-import cpu_runtime
 import evaluate
 import figures
 import generate

@@ -220,8 +220,8 @@ def swish(x: jax.Array) -> jax.Array:
     """DDPM's `nonlinearity`, x * sigmoid(x), as h + h * tanh(h) with h = x / 2.
 
     The same function as `jax.nn.silu` (sigmoid(x) = (1 + tanh(x / 2)) / 2): float32 error below
-    3e-6 absolute everywhere (silu's own: 1.3e-6; the tail below x = -16, where swish is under
-    2e-6 in size, rounds to 0, and so does its gradient), and no exp overflow anywhere. Written this way, and without
+    3e-6 absolute everywhere (silu's own: 1.3e-6; below x = -16, where swish is smaller than 2e-6,
+    it and its gradient round to 0), and no exp overflow anywhere. Written this way, and without
     `jax.nn.silu`'s own jit boundary, XLA-CPU's YNNPACK fusions take GroupNorm + swish + the next
     3x3 convolution as one fusion; with `1 / (1 + exp(-x))` the constant 1 became a full-size
     tensor written in memory for every activation shape. Measured in the README.

@@ -107,3 +107,58 @@ def test_inference_compiler_options(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9")
     assert cpu_runtime.inference_compiler_options() == {}
+
+
+_RESTART = (
+    "import os, cpu_runtime\n"
+    "restarted = cpu_runtime.restart_with_huge_page_malloc()\n"
+    "print(restarted, os.environ.get('GLIBC_TUNABLES'))\n"
+)
+
+
+def _run_restart_probe(tunables: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables is not None:
+        env["GLIBC_TUNABLES"] = tunables
+    return subprocess.run([sys.executable, "-c", _RESTART], capture_output=True, text=True,
+                          check=True, cwd=ROOT, env=env).stdout
+
+
+def test_restart_with_huge_page_malloc_adds_the_tunable_once():
+    """The program runs once more with the tunable added to the user's; never twice; opt-out."""
+    helps = cpu_runtime.huge_page_malloc_would_help() or "glibc.malloc.hugetlb" in os.environ.get(
+        "GLIBC_TUNABLES", "")
+    if not (platform.system() == "Linux" and helps):
+        assert _run_restart_probe(None) == "False None\n"
+        return
+    assert _run_restart_probe(None) == "False glibc.malloc.hugetlb=1\n"
+    assert (_run_restart_probe("glibc.malloc.tcache_count=7")
+            == "False glibc.malloc.tcache_count=7:glibc.malloc.hugetlb=1\n")
+    assert _run_restart_probe("glibc.malloc.hugetlb=0") == "False glibc.malloc.hugetlb=0\n"
+
+
+_THREAD_ALLOC = (
+    "import ctypes, threading\n"
+    "libc = ctypes.CDLL('libc.so.6')\n"
+    "libc.malloc.restype = ctypes.c_void_p\n"
+    "def work():\n"
+    "    p = libc.malloc(96 << 20)\n"
+    "    ctypes.memset(p, 1, 96 << 20)\n"
+    "    print([l.split()[1] for l in open('/proc/self/smaps_rollup') if 'AnonHuge' in l][0])\n"
+    "threading.Thread(target=work).start()\n"
+)
+
+
+@pytest.mark.skipif(not os.path.exists(cpu_runtime.THP_MODE_FILE)
+                    or "[madvise]" not in open(cpu_runtime.THP_MODE_FILE).read(),
+                    reason="the tunable acts in THP mode 'madvise' only")
+def test_huge_page_tunable_backs_a_threads_large_buffer():
+    """What the restart is for: a 96 MB buffer of a non-main thread gets huge pages with the
+    tunable, none without (glibc mmaps it afresh on every allocation)."""
+    def anon_huge_kb(tunables):
+        env = {**os.environ, "GLIBC_TUNABLES": tunables}
+        return int(subprocess.run([sys.executable, "-c", _THREAD_ALLOC], capture_output=True,
+                                  text=True, check=True, env=env).stdout)
+
+    assert anon_huge_kb("glibc.malloc.hugetlb=0") == 0
+    assert anon_huge_kb(cpu_runtime.MALLOC_TUNABLE) > 0
