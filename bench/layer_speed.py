@@ -8,7 +8,12 @@ small UNet's shapes (batch 64) unless noted, forward and forward+backward, media
         .venv/bin/python bench/layer_speed.py        # the same with jaxlib's default conv path
 
 The second command shows what `cpu_runtime.py`'s flag buys: XLA_FLAGS that already choose YNN
-fusion types are left alone by `cpu_runtime.configure()`.
+fusion types are left alone by `cpu_runtime.configure()`. The huge-page malloc restart acts on the
+whole process, so it is measured by running a benchmark with and without it:
+
+    .venv/bin/python bench/train_throughput.py --model small --mode train
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=0 .venv/bin/python bench/train_throughput.py \
+        --model small --mode train                   # opted out: no restart
 """
 
 import os
@@ -26,14 +31,16 @@ cpu_runtime.configure()
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from train_throughput import time_calls  # noqa: E402  (bench/ is sys.path[0])
+from train_throughput import MODELS, time_calls  # noqa: E402  (bench/ is sys.path[0])
 
+from models import UNet  # noqa: E402
 from models.blocks import AttnBlock  # noqa: E402
 from models.layers import GroupNorm, UpsampleConv3x3  # noqa: E402
 
 
-def _median_s(fn, *args, reps: int = 15) -> float:
-    return statistics.median(time_calls(jax.jit(fn), *args, reps=reps, iters=1))
+def _median_s(fn, *args, reps: int = 15, compiler_options=None) -> float:
+    jitted = jax.jit(fn, compiler_options=compiler_options)
+    return statistics.median(time_calls(jitted, *args, reps=reps, iters=1))
 
 
 def _fwd_and_grad(apply, params, x) -> tuple[float, float]:
@@ -98,6 +105,22 @@ def rows():
     yield ("AttnBlock 64x14x14x64, ms", "softmax(q.k * scale) v -> ours",
            f"fwd {old[0] * 1e3:.1f} -> {new[0] * 1e3:.1f}, fwd+bwd {old[1] * 1e3:.1f} -> "
            f"{new[1] * 1e3:.1f}")
+
+    # Forward-only programs: YNN element-wise fusion (cpu_runtime.inference_compiler_options).
+    inference = cpu_runtime.inference_compiler_options()
+    spec = MODELS["small"]
+    model = UNet(out_ch=spec["channels"], **spec["unet"])
+    x = jax.random.normal(key, (64, spec["size"], spec["size"], spec["channels"]))
+    t = jnp.full((64,), 500, jnp.int32)
+    params = model.init(key, x[:1], t[:1], train=False)
+
+    def forward(p, x):
+        return model.apply(p, x, t, train=False)
+
+    times = [_median_s(forward, params, x), _median_s(forward, params, x,
+                                                     compiler_options=inference)]
+    yield ("small UNet forward, batch 64, ms", "global flags -> inference opts",
+           " -> ".join(f"{t * 1e3:.1f}" for t in times))
 
     for shape in ((64, 14, 14, 64), (16, 16, 16, 256)):
         x = jax.random.normal(key, shape)
