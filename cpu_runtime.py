@@ -20,8 +20,9 @@ and the tests call it first thing), and a third that needs a fresh process (sect
    Programs without gradients (sampling, likelihood evaluation) are compiled with one more YNN
    fusion type, element-wise work (`inference_compiler_options()`, passed to `jax.jit`): the
    3x3 convolutions then run inside YNNPACK fusions together with the GroupNorm + swish before
-   them and the bias / residual adds after them (~390 GFLOP/s against Eigen's ~300 at the small
-   UNet's shapes). Training keeps the global list: the same option slows the gradient step.
+   them and the bias / residual adds after them (a 3x3 conv + bias at the small UNet's shapes:
+   ~390 GFLOP/s against Eigen's ~300; the small UNet's forward pass at batch 64: 129 -> 117 ms).
+   Training keeps the global list: the same option made the gradient step 10% slower.
 
 2. Keep freed host buffers in the process so XLA-CPU does not page-fault them in again.
 
@@ -44,7 +45,9 @@ that runs the program), so every step page-faulted ~230,000 fresh 4 KiB pages. O
 threads (M_ARENA_MAX=1) ends the faults but serialises the threads on its lock (slower still).
 glibc's tunable `glibc.malloc.hugetlb=1` backs malloc's memory with 2 MiB transparent huge pages
 where the kernel's THP mode is "madvise" (the usual default): the same buffer then faults ~500
-times. Training step 703 -> 540 ms (91 -> 118 img/s); forward at batch 256 ~7% faster. Tunables
+times. Small UNet training step 703 -> 540 ms (91 -> 118 img/s), forward at batch 256 ~7%
+faster; the CIFAR-10 model's training step at batch 16 is the exception, 1934 -> 2106 ms (its
+convolutions run slower with the buffers on huge pages; not understood yet). Tunables
 are read when a process starts, so the entry points (main.py, the benchmarks) call
 `restart_with_huge_page_malloc()` before anything else: it re-executes the same command line
 with the tunable added to GLIBC_TUNABLES, once. It does nothing when GLIBC_TUNABLES already
