@@ -120,7 +120,7 @@ def rows():
     times = [_median_s(forward, params, x), _median_s(forward, params, x,
                                                      compiler_options=inference)]
     yield ("small UNet forward, batch 64, ms", "global flags -> inference opts",
-           " -> ".join(f"{t * 1e3:.1f}" for t in times))
+           " -> ".join(f"{secs * 1e3:.1f}" for secs in times))
 
     for shape in ((64, 14, 14, 64), (16, 16, 16, 256)):
         x = jax.random.normal(key, shape)
