@@ -15,6 +15,19 @@ import cpu_runtime
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _python(code: str, *args: str, env: dict[str, str | None] | None = None) -> str:
+    """stdout of `python -c code args` in the repo root; env entries override os.environ (None
+    removes the variable)."""
+    full_env = dict(os.environ)
+    for name, value in (env or {}).items():
+        if value is None:
+            full_env.pop(name, None)
+        else:
+            full_env[name] = value
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          check=True, cwd=ROOT, env=full_env).stdout
+
+
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="mallopt is glibc's")
 def test_keep_freed_memory_reuses_large_blocks():
@@ -29,12 +42,8 @@ def test_keep_freed_memory_reuses_large_blocks():
         "print(applied, p < libc.sbrk(0))\n"
     )
 
-    def run(arg):
-        return subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
-                              check=True, cwd=ROOT).stdout.split()
-
-    assert run("1") == ["True", "True"]  # applied; the block lies in the heap
-    assert run("0") == ["None", "False"]  # glibc's default maps a 64 MB block on its own
+    assert _python(code, "1").split() == ["True", "True"]  # applied; the block is in the heap
+    assert _python(code, "0").split() == ["None", "False"]  # glibc maps a 64 MB block on its own
 
 
 def test_keep_freed_memory_is_a_no_op_without_mallopt(monkeypatch):
@@ -58,12 +67,7 @@ _CONV_HLO = (
 
 
 def _run_conv_probe(xla_flags: str) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = xla_flags
-    env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run([sys.executable, "-c", _CONV_HLO], capture_output=True, text=True,
-                         check=True, cwd=ROOT, env=env)
-    return out.stdout.split()
+    return _python(_CONV_HLO, env={"XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"}).split()
 
 
 @pytest.mark.skipif(importlib.metadata.version("jaxlib") not in cpu_runtime.TESTED_JAXLIB,
@@ -117,18 +121,13 @@ _RESTART = (
 
 
 def _run_restart_probe(tunables: str | None) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    if tunables is not None:
-        env["GLIBC_TUNABLES"] = tunables
-    return subprocess.run([sys.executable, "-c", _RESTART], capture_output=True, text=True,
-                          check=True, cwd=ROOT, env=env).stdout
+    return _python(_RESTART, env={"GLIBC_TUNABLES": tunables})
 
 
-def test_restart_with_huge_page_malloc_adds_the_tunable_once():
+def test_restart_with_huge_page_malloc_adds_the_tunable_once(monkeypatch):
     """The program runs once more with the tunable added to the user's; never twice; opt-out."""
-    helps = cpu_runtime.huge_page_malloc_would_help() or "glibc.malloc.hugetlb" in os.environ.get(
-        "GLIBC_TUNABLES", "")
-    if not (platform.system() == "Linux" and helps):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)  # as in the probe without tunables
+    if not cpu_runtime.huge_page_malloc_would_help():
         assert _run_restart_probe(None) == "False None\n"
         return
     assert _run_restart_probe(None) == "False glibc.malloc.hugetlb=1\n"
@@ -156,9 +155,7 @@ def test_huge_page_tunable_backs_a_threads_large_buffer():
     """What the restart is for: a 96 MB buffer of a non-main thread gets huge pages with the
     tunable, none without (glibc mmaps it afresh on every allocation)."""
     def anon_huge_kb(tunables):
-        env = {**os.environ, "GLIBC_TUNABLES": tunables}
-        return int(subprocess.run([sys.executable, "-c", _THREAD_ALLOC], capture_output=True,
-                                  text=True, check=True, env=env).stdout)
+        return int(_python(_THREAD_ALLOC, env={"GLIBC_TUNABLES": tunables}))
 
     assert anon_huge_kb("glibc.malloc.hugetlb=0") == 0
     assert anon_huge_kb(cpu_runtime.MALLOC_TUNABLE) > 0
