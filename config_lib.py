@@ -45,6 +45,14 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _require_batch(value: int, field: str, num_devices: int) -> None:
+    """A global batch is split evenly over the devices (on a CPU: cpu_runtime.py, section 4)."""
+    _require(value > 0 and value % num_devices == 0,
+             f"{field}={value} is not a positive multiple of the {num_devices} devices. Fix: use "
+             f"a multiple of {num_devices}, or run on fewer devices (on a CPU: XLA_FLAGS="
+             f"--xla_force_host_platform_device_count=1).")
+
+
 def _one_of(value, legal, field: str) -> None:
     _require(value in legal, f"{field}={value!r} is not supported. Fix: use one of {tuple(legal)}.")
 
@@ -113,9 +121,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0.")
     _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 = off).")
 
-    _require(tr.batch_size > 0 and tr.batch_size % num_devices == 0,
-             f"train.batch_size={tr.batch_size} is not a positive multiple of the {num_devices} "
-             f"devices. Fix: use a multiple of {num_devices}.")
+    _require_batch(tr.batch_size, "train.batch_size", num_devices)
     _require(tr.num_steps > 0, f"train.num_steps={tr.num_steps} must be positive.")
     _require(0.0 <= tr.ema_decay < 1.0, f"train.ema_decay={tr.ema_decay} must be in [0, 1).")
     k = tr.steps_per_dispatch
@@ -132,9 +138,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _require(0 <= s.num_steps <= d.num_timesteps,
              f"sample.num_steps={s.num_steps} must be in [0, diffusion.num_timesteps="
              f"{d.num_timesteps}] (0 = all steps).")
-    _require(s.batch_size > 0 and s.batch_size % num_devices == 0,
-             f"sample.batch_size={s.batch_size} is not a positive multiple of the {num_devices} "
-             f"devices. Fix: use a multiple of {num_devices}.")
+    _require_batch(s.batch_size, "sample.batch_size", num_devices)
     _require(s.num_samples > 0, f"sample.num_samples={s.num_samples} must be positive.")
     _require(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0.")
     _require(s.guidance_scale == 0 or (m.num_classes > 0 and d.p_uncond > 0),
@@ -161,9 +165,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
 def _validate_eval(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """config.eval: --mode=eval and the periodic estimates during training."""
     e, k = config.eval, config.train.steps_per_dispatch
-    _require(e.batch_size > 0 and e.batch_size % num_devices == 0,
-             f"eval.batch_size={e.batch_size} is not a positive multiple of the {num_devices} "
-             f"devices. Fix: use a multiple of {num_devices}.")
+    _require_batch(e.batch_size, "eval.batch_size", num_devices)
     _one_of(e.bpd_condition, EVAL_CONDITIONS, "eval.bpd_condition")
     _require(e.bpd_condition != "null"
              or (config.model.num_classes > 0 and config.diffusion.p_uncond > 0),
@@ -219,9 +221,7 @@ def validate_classifier(config: ml_collections.ConfigDict, *, num_devices: int) 
              f"{config.model.num_classes}.")
     _require(c.lr > 0, f"classifier.lr={c.lr} must be positive. Fix: e.g. 3e-4.")
     _require(c.weight_decay >= 0, f"classifier.weight_decay={c.weight_decay} must be >= 0.")
-    _require(c.batch_size > 0 and c.batch_size % num_devices == 0,
-             f"classifier.batch_size={c.batch_size} is not a positive multiple of the "
-             f"{num_devices} devices. Fix: use a multiple of {num_devices}.")
+    _require_batch(c.batch_size, "classifier.batch_size", num_devices)
     _require(c.num_steps > 0, f"classifier.num_steps={c.num_steps} must be positive.")
     _require(0.0 <= c.ema_decay < 1.0, f"classifier.ema_decay={c.ema_decay} must be in [0, 1).")
     _require(c.log_every > 0 and c.checkpoint_every > 0,

@@ -1,7 +1,9 @@
 """Training and forward throughput of the project's UNet: ms/step, img/s, GFLOP/s, compile time.
 
 The step timed is the trainer's own (`train_lib.train_step`: q_sample, ε-MSE, Adam, EMA), on
-random data of the right shape. FLOPs come from XLA's cost analysis of the compiled step.
+random data of the right shape, sharded as the trainer shards it: state replicated, batch split
+over a data-parallel mesh of all devices (on a CPU, two devices: cpu_runtime.py, section 4).
+FLOPs come from XLA's cost analysis of the compiled step (all devices together).
 
     python bench/train_throughput.py --model small --batch 64 --fwd-batch 256 --out small.json
     python bench/train_throughput.py --model cifar --batch 16 --fwd-batch 64 --out cifar.json
@@ -31,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import cpu_runtime  # noqa: E402
 import train_lib  # noqa: E402
@@ -65,7 +69,8 @@ def _flops(compiled) -> float:
     cost = compiled.cost_analysis()
     if isinstance(cost, list):
         cost = cost[0]
-    return float(cost.get("flops", 0.0)) if cost else 0.0
+    # A sharded program's cost is one device's share.
+    return float(cost.get("flops", 0.0)) * jax.device_count() if cost else 0.0
 
 
 def matmul_peak(n: int = 2048) -> float:
@@ -83,13 +88,16 @@ def bench(args) -> dict:
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(2e-4))
     shape = (spec["size"], spec["size"], spec["channels"])
     key = jax.random.key(0)
+    mesh = train_lib.make_mesh()
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
     start = time.perf_counter()
-    state = jax.jit(functools.partial(train_lib.init_state, model, optimizer, image_shape=shape))(
-        jax.random.key(0, impl="rbg"))
+    state = jax.jit(functools.partial(train_lib.init_state, model, optimizer, image_shape=shape),
+                    out_shardings=replicated)(jax.random.key(0, impl="rbg"))
     jax.block_until_ready(state)
     result = {"model": args.model, "dtype": args.dtype, "device": str(jax.devices()[0]),
-              "backend": jax.default_backend(), "jax": jax.__version__,
+              "devices": jax.device_count(), "backend": jax.default_backend(),
+              "jax": jax.__version__,
               "params": sum(x.size for x in jax.tree.leaves(state.params)),
               "init_s": time.perf_counter() - start}
 
@@ -108,7 +116,7 @@ def bench(args) -> dict:
         step = jax.jit(functools.partial(
             train_lib.train_step, loss=loss, optimizer=optimizer, ema_decay=0.9999,
             lr_fn=optax.constant_schedule(2e-4), base_key=key), donate_argnums=0)
-        batch = {"image": jax.random.normal(key, (args.batch, *shape))}
+        batch = {"image": jax.device_put(jax.random.normal(key, (args.batch, *shape)), split)}
         start = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - start
@@ -129,8 +137,8 @@ def bench(args) -> dict:
     if "forward" in args.mode:
         fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False),
                       compiler_options=cpu_runtime.inference_compiler_options())
-        x = jax.random.normal(key, (args.fwd_batch, *shape))
-        t = jnp.full((args.fwd_batch,), 500, jnp.int32)
+        x = jax.device_put(jax.random.normal(key, (args.fwd_batch, *shape)), split)
+        t = jax.device_put(jnp.full((args.fwd_batch,), 500, jnp.int32), split)
         start = time.perf_counter()
         compiled = fwd.lower(state.params, x, t).compile()
         compile_s = time.perf_counter() - start
@@ -157,6 +165,9 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    for flag, value in (("--batch", args.batch), ("--fwd-batch", args.fwd_batch)):
+        if value % jax.device_count():
+            ap.error(f"{flag}={value} is not a multiple of the {jax.device_count()} devices")
     result = bench(args)
     result["matmul_peak_gflop_per_s"] = peak = matmul_peak()
     print(f"{'what':<10}{'batch':>7}{'ms':>10}{'img/s':>10}{'GFLOP/s':>10}{'of peak':>9}"
@@ -170,7 +181,8 @@ def main():
                   f"{r['gflop_per_s']:>10.1f}{r['fraction_of_matmul_peak']:>9.0%}"
                   f"{r['compile_s']:>11.1f}")
     print(f"matmul peak (2048x2048 float32, median of 7): {peak:.0f} GFLOP/s")
-    print(f"{result['model']} {result['params']:,} params, {result['dtype']}, {result['device']}")
+    print(f"{result['model']} {result['params']:,} params, {result['dtype']}, "
+          f"{result['devices']} x {result['device']}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

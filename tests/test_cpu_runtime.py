@@ -1,4 +1,4 @@
-"""cpu_runtime: the XLA-CPU flags and the allocator setting that main.py applies."""
+"""cpu_runtime: the XLA-CPU flags, device count and allocator settings that main.py applies."""
 
 import ctypes
 import importlib.metadata
@@ -94,6 +94,7 @@ def test_inference_compiler_options(monkeypatch):
     the jaxlib is untested or the backend is not the CPU; XLA accepts the option."""
     import jax
 
+    jax.devices()  # jax's CPU client starts with the suite's XLA_FLAGS, not the ones patched below
     monkeypatch.setenv("XLA_FLAGS", " ".join(cpu_runtime.XLA_CPU_FLAGS))
     options = cpu_runtime.inference_compiler_options()
     if importlib.metadata.version("jaxlib") in cpu_runtime.TESTED_JAXLIB:
@@ -111,6 +112,42 @@ def test_inference_compiler_options(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9")
     assert cpu_runtime.inference_compiler_options() == {}
+
+
+def test_split_cpu_into_devices(monkeypatch):
+    """Two devices where there are two cores; the user's own count, and one core, left alone."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    monkeypatch.setattr(cpu_runtime, "usable_cores", lambda: 16)
+    assert cpu_runtime.split_cpu_into_devices() == cpu_runtime.CPU_DEVICES == 2
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    assert cpu_runtime.split_cpu_into_devices() == 0  # once only
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+
+    users = "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=1"
+    monkeypatch.setenv("XLA_FLAGS", users)
+    assert cpu_runtime.split_cpu_into_devices() == 0
+    assert os.environ["XLA_FLAGS"] == users
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    assert cpu_runtime.split_cpu_into_devices() == 2
+    assert os.environ["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x "
+                                       "--xla_force_host_platform_device_count=2")
+
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "3")
+    assert cpu_runtime.split_cpu_into_devices() == 0
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES")
+    monkeypatch.setattr(cpu_runtime, "usable_cores", lambda: 1)
+    assert cpu_runtime.split_cpu_into_devices() == 0
+    assert "XLA_FLAGS" not in os.environ
+
+
+def test_configure_gives_jax_the_devices():
+    """In a fresh process jax sees min(2, cores) CPU devices after configure()."""
+    code = "import cpu_runtime; cpu_runtime.configure(); import jax; print(jax.device_count())"
+    env = {"XLA_FLAGS": None, "JAX_NUM_CPU_DEVICES": None, "JAX_PLATFORMS": "cpu"}
+    expected = min(cpu_runtime.CPU_DEVICES, cpu_runtime.usable_cores())
+    assert int(_python(code, env=env)) == expected
 
 
 _RESTART = (
