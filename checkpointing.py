@@ -64,6 +64,23 @@ class Checkpointer:
         self._manager.close()
 
 
+def restore_latest(workdir: str, abstract_state: Any, *, missing: str) -> tuple[Any, int]:
+    """(state, step) of the latest checkpoint of `workdir`, opened read-only, for sampling/eval.
+
+    Raises FileNotFoundError(missing.format(directory=...)) when there is none; `missing` says
+    what to do about it.
+    """
+    ckpt = Checkpointer(workdir, max_to_keep=1, read_only=True)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(missing.format(directory=ckpt.directory))
+        state, _ = ckpt.restore(step, abstract_state)
+    finally:
+        ckpt.close()
+    return state, step
+
+
 def config_to_json(config) -> str:
     """The config as JSON text (tuples become lists), for checkpoints and TensorBoard."""
     return json.dumps(config.to_dict(), sort_keys=True, default=str)

@@ -175,17 +175,11 @@ def restore_classifier(config: ml_collections.ConfigDict,
                        workdir: str) -> tuple[NoisyClassifier, Any, int]:
     """(classifier, replicated EMA params, step) of the latest classifier checkpoint."""
     config_lib.validate_classifier(config, num_devices=jax.device_count())
-    directory = classifier_dir(config, workdir)
-    ckpt = checkpointing.Checkpointer(directory, max_to_keep=config.train.keep_checkpoints,
-                                      read_only=True)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(
-            f"No classifier checkpoint in {ckpt.directory}, but sample.classifier_scale="
-            f"{config.sample.classifier_scale}. Fix: train one first (--mode=train_classifier "
-            f"with the same --workdir), or --config.sample.classifier_scale=0.")
     model = create_classifier(config)
     abstract_state, _ = _abstract_state(config, model, NamedSharding(train_lib.make_mesh(), P()))
-    state, _ = ckpt.restore(step, abstract_state)
-    ckpt.close()
+    state, step = checkpointing.restore_latest(
+        classifier_dir(config, workdir), abstract_state,
+        missing="No classifier checkpoint in {directory}, but sample.classifier_scale="
+                f"{config.sample.classifier_scale}. Fix: train one first (--mode=train_classifier "
+                "with the same --workdir), or --config.sample.classifier_scale=0.")
     return model, state.ema_params, step

@@ -328,19 +328,13 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, *,
                    use_ema: bool = True) -> tuple[UNet, Any, int]:
     """(model, replicated params, step) of the latest checkpoint in workdir, for sampling/eval."""
     config_lib.validate(config, num_devices=jax.device_count())
-    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints,
-                                      read_only=True)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(
-            f"No checkpoint in {ckpt.directory}. Fix: train first (--mode=train with the same "
-            f"--workdir), or point --workdir at a trained run.")
     model = create_model(config)
     replicated = NamedSharding(make_mesh(), P())
     image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     init_fn = functools.partial(init_state, model, create_optimizer(config),
                                 image_shape=image_shape)
-    state, _ = ckpt.restore(step, abstract_state(init_fn, jax.random.key(0, impl="rbg"),
-                                                 replicated))
-    ckpt.close()
+    state, step = checkpointing.restore_latest(
+        workdir, abstract_state(init_fn, jax.random.key(0, impl="rbg"), replicated),
+        missing="No checkpoint in {directory}. Fix: train first (--mode=train with the same "
+                "--workdir), or point --workdir at a trained run.")
     return model, (state.ema_params if use_ema else state.params), step

@@ -85,18 +85,9 @@ class Conv3x3(nn.Module):
         """[B, H, W, Cin] -> [B, H', W', Cout] in `dtype` (H' = H for stride 1, ceil(H/2) for 2)."""
         if self.strides not in (1, 2):
             raise ValueError(f"Conv3x3 supports strides 1 or 2, got {self.strides}.")
-        kernel = self.param(
-            "kernel", default_init(self.init_scale), (3, 3, x.shape[-1], self.features), jnp.float32
-        )
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        kernel, bias = _conv3x3_params(self, x.shape[-1], self.features, self.init_scale)
         padding = ((1, 1), (1, 1)) if self.strides == 1 else "SAME"
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(self.strides, self.strides),
-            padding=padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        y = _conv(x.astype(self.dtype), kernel.astype(self.dtype), padding, self.strides)
         return y + bias.astype(self.dtype)
 
 
@@ -123,20 +114,12 @@ class UpsampleConv3x3(nn.Module):
     def __call__(self, x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
         """[B, H, W, Cin] -> [B, out_hw[0], out_hw[1], Cout] in `dtype`."""
         batch, hgt, wid, _ = x.shape
-        kernel = self.param(
-            "kernel", default_init(1.0), (3, 3, x.shape[-1], self.features), jnp.float32
-        )
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        kernel, bias = _conv3x3_params(self, x.shape[-1], self.features, 1.0)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-
-        def conv(lhs, rhs, padding):
-            return jax.lax.conv_general_dilated(
-                lhs, rhs, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
 
         if tuple(out_hw) != (2 * hgt, 2 * wid):
             up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)[:, : out_hw[0], : out_hw[1]]
-            return conv(up, kernel, ((1, 1), (1, 1))) + bias.astype(self.dtype)
+            return _conv(up, kernel, ((1, 1), (1, 1))) + bias.astype(self.dtype)
 
         def fold(k, axis, phase):  # 3 taps along `axis` -> the 2 taps phase 0 or 1 sees
             k0, k1, k2 = (jnp.take(k, i, axis=axis) for i in range(3))
@@ -149,10 +132,27 @@ class UpsampleConv3x3(nn.Module):
             for b in range(2):
                 k = fold(fold(kernel, 0, a), 1, b)  # [2, 2, Cin, Cout]
                 # Padding (1 - a, a) makes output i read input rows i - 1 + a and i + a.
-                cols.append(conv(x, k, ((1 - a, a), (1 - b, b))))
+                cols.append(_conv(x, k, ((1 - a, a), (1 - b, b))))
             rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (b), Cout]
         y = jnp.stack(rows, axis=2)  # [B, H, 2 (a), W, 2 (b), Cout]
         return y.reshape(batch, 2 * hgt, 2 * wid, self.features) + bias.astype(self.dtype)
+
+
+def _conv3x3_params(module: nn.Module, in_features: int, features: int,
+                    init_scale: float) -> tuple[jax.Array, jax.Array]:
+    """The float32 `kernel` [3, 3, Cin, Cout] and `bias` [Cout] of a 3x3 conv module."""
+    kernel = module.param(
+        "kernel", default_init(init_scale), (3, 3, in_features, features), jnp.float32
+    )
+    bias = module.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    return kernel, bias
+
+
+def _conv(x: jax.Array, kernel: jax.Array, padding, strides: int = 1) -> jax.Array:
+    """NHWC x HWIO convolution without bias."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, (strides, strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 class GroupNorm(nn.Module):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import checkpointing
+import classifier_training
 import config_lib
 import generate
 import sampling_lib
@@ -328,3 +329,16 @@ def test_guidance_sweep_writes_accuracy_per_scale(trained_workdir):
         assert len(result["accuracy_per_class"][scale]) == 10
         np.testing.assert_allclose(np.mean(result["accuracy_per_class"][scale]),
                                    result["accuracy"][scale])
+
+
+def test_restoring_without_a_checkpoint_names_the_fix(tmp_path):
+    """Sampling or guiding from a workdir that holds no checkpoint: one error that says what to
+    do, and the read-only restore creates no checkpoint directory."""
+    config = _config()
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*Fix: train first"):
+        train_lib.restore_params(config, str(tmp_path))
+    config.sample.classifier_scale = 2.0
+    with pytest.raises(FileNotFoundError, match=r"No classifier checkpoint in .*"
+                       r"classifier_scale=2.0. Fix: train one first"):
+        classifier_training.restore_classifier(config, str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
