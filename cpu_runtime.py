@@ -47,8 +47,8 @@ threads (M_ARENA_MAX=1) ends the faults but serialises the threads on its lock (
 glibc's tunable `glibc.malloc.hugetlb=1` backs malloc's memory with 2 MiB transparent huge pages
 where the kernel's THP mode is "madvise" (the usual default): the same buffer then faults ~500
 times. Small UNet training step 703 -> 540 ms (91 -> 118 img/s), forward at batch 256 ~7%
-faster; the CIFAR-10 model's training step at batch 16 is the exception, 1934 -> 2106 ms (its
-convolutions run slower with the buffers on huge pages; not understood yet). Tunables
+faster; the CIFAR-10 model's training step at batch 16 was the exception on one device, 1934 ->
+2106 ms (not understood), but not on the two devices of section 4 (1918 -> 1868 ms). Tunables
 are read when a process starts, so the entry points (main.py, the benchmarks) call
 `restart_with_huge_page_malloc()` before anything else: it re-executes the same command line
 with the tunable added to GLIBC_TUNABLES, once. It does nothing when GLIBC_TUNABLES already
@@ -197,8 +197,11 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def configure() -> None:
-    """Sections 1, 2 and 4 of this module; call before jax's first computation."""
+def configure() -> int:
+    """Sections 1, 2 and 4 of this module; call before jax's first computation.
+
+    Returns the CPU device count it set (0 when it left the count alone).
+    """
     add_xla_cpu_flags()
-    split_cpu_into_devices()
     keep_freed_memory()
+    return split_cpu_into_devices()

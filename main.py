@@ -63,7 +63,7 @@ def _quiet_libraries(record: logging_std.LogRecord) -> bool:
 
 def main(argv):
     del argv
-    cpu_runtime.configure()  # before jax's first computation: see cpu_runtime.py
+    cpu_devices = cpu_runtime.configure()  # before jax's first computation: see cpu_runtime.py
     logging.get_absl_handler().addFilter(_quiet_libraries)
     if FLAGS.multihost:
         # Cross-process collectives between CPU devices go through gloo (no effect on GPU/TPU).
@@ -72,6 +72,10 @@ def main(argv):
                                    FLAGS.process_id)
     logging.info("JAX %s: process %d/%d, %d devices (%s).", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+    if cpu_devices and jax.default_backend() == "cpu":
+        logging.info("The CPU runs as %d XLA devices, each on part of the batch (cpu_runtime.py, "
+                     "section 4); XLA_FLAGS=--xla_force_host_platform_device_count=1 gives one.",
+                     cpu_devices)
     try:
         MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
     except (config_lib.ConfigError, input_pipeline.DatasetNotAvailableError,
