@@ -10,6 +10,7 @@ killed mid-save leaves no directory that `latest_step` would take for a good che
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -64,17 +65,18 @@ class Checkpointer:
         self._manager.close()
 
 
-def restore_latest(workdir: str, abstract_state: Any, *, missing: str) -> tuple[Any, int]:
+def restore_latest(workdir: str, abstract_state: Any, *,
+                   missing: Callable[[str], str]) -> tuple[Any, int]:
     """(state, step) of the latest checkpoint of `workdir`, opened read-only, for sampling/eval.
 
-    Raises FileNotFoundError(missing.format(directory=...)) when there is none; `missing` says
+    Raises FileNotFoundError(missing(checkpoint directory)) when there is none: the message says
     what to do about it.
     """
     ckpt = Checkpointer(workdir, max_to_keep=1, read_only=True)
     try:
         step = ckpt.latest_step()
         if step is None:
-            raise FileNotFoundError(missing.format(directory=ckpt.directory))
+            raise FileNotFoundError(missing(ckpt.directory))
         state, _ = ckpt.restore(step, abstract_state)
     finally:
         ckpt.close()

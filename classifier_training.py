@@ -179,7 +179,8 @@ def restore_classifier(config: ml_collections.ConfigDict,
     abstract_state, _ = _abstract_state(config, model, NamedSharding(train_lib.make_mesh(), P()))
     state, step = checkpointing.restore_latest(
         classifier_dir(config, workdir), abstract_state,
-        missing="No classifier checkpoint in {directory}, but sample.classifier_scale="
-                f"{config.sample.classifier_scale}. Fix: train one first (--mode=train_classifier "
-                "with the same --workdir), or --config.sample.classifier_scale=0.")
+        missing=lambda directory: (
+            f"No classifier checkpoint in {directory}, but sample.classifier_scale="
+            f"{config.sample.classifier_scale}. Fix: train one first (--mode=train_classifier "
+            f"with the same --workdir), or --config.sample.classifier_scale=0."))
     return model, state.ema_params, step

@@ -57,22 +57,23 @@ or when THP is "always" (already on) or "never". Library code never restarts any
 
 4. Two XLA devices on a CPU with two or more cores (`split_cpu_into_devices()`).
 
-XLA-CPU runs one program per device and splits each operation of it over the cores. The UNet's
-~150 operations per forward pass are small at these image sizes, and splitting each of them two
-ways is slower than running two programs side by side, each on half the batch: the trainer, the
-samplers and the evaluators already shard the batch over a data-parallel mesh of all devices, so
-`--xla_force_host_platform_device_count=2` is all it takes. Measured on 2 cores (each row the
-same command with one and with two devices): small UNet forward at batch 64 129 -> 107 ms, at
-batch 256 520 -> 474 ms; 50-step DDIM of 64 images 6.53 -> 5.52 s; CIFAR-10 model training step
-at batch 16 2122 -> 1884 ms (and with two devices the huge pages of section 3 no longer slow it),
-forward at batch 64 2118 -> 2042 ms; the small UNet's training step at batch 64 is unchanged
-(531 / 533 ms). Four devices on the same 2 cores were slower than two (DDIM 5.77 s); machines with
-more cores were not measured, so the count stays at `CPU_DEVICES` = 2. What it costs: batch sizes
-must be even (config_lib.validate says so before any work), and each device holds its own copy
-of the replicated training state (the CIFAR-10 model: ~0.6 GB more). Nothing is added when
-XLA_FLAGS already sets a device count or JAX_NUM_CPU_DEVICES is set:
-XLA_FLAGS=--xla_force_host_platform_device_count=1 gives the single device back. GPUs and TPUs are
-unaffected (the flag only shapes the host platform).
+XLA-CPU runs one program per device and splits each operation of it over the cores. Two programs
+side by side, each on half the batch, run the UNet faster than one (likely because its ~150
+operations per forward pass are small at these image sizes, and each split over the cores pays for
+the hand-off). The trainer, the samplers and the evaluators already shard the batch over a
+data-parallel mesh of all devices, so `--xla_force_host_platform_device_count=2` is all it takes.
+Measured on 2 cores (each row the same command with one and with two devices): small UNet forward at
+batch 64 129 -> 107 ms, at batch 256 520 -> 474 ms; 50-step DDIM of 64 images 6.53 -> 5.52 s;
+CIFAR-10 model training step at batch 16 2122 -> 1884 ms (and with two devices the huge pages of
+section 3 no longer slow it), forward at batch 64 2118 -> 2042 ms; the small UNet's training step at
+batch 64 is unchanged on average (531 / 533 ms; bimodal with two devices on our VM, see the README).
+Four devices on the same 2 cores were slower than two (DDIM 5.77 s); machines with more cores were
+not measured, so the count stays at `CPU_DEVICES` = 2. What it costs: batch sizes must be even
+(config_lib.validate says so before any work), and each device holds its own copy of the replicated
+training state (the CIFAR-10 model: ~0.6 GB more). Nothing is added for main.py --multihost
+(`configure(split_cpu=False)`), or when XLA_FLAGS already sets a device count or JAX_NUM_CPU_DEVICES
+is set: XLA_FLAGS=--xla_force_host_platform_device_count=1 gives the single device back. GPUs and
+TPUs are unaffected (the flag only shapes the host platform).
 """
 
 import ctypes
@@ -178,7 +179,8 @@ def split_cpu_into_devices() -> int:
     """Give XLA `CPU_DEVICES` CPU devices, at most one per usable core (module doc, section 4).
 
     Returns the device count added to XLA_FLAGS, 0 when nothing was added. Like
-    `add_xla_cpu_flags`, it must run before jax creates its CPU client.
+    `add_xla_cpu_flags`, it must run before jax creates its CPU client. A count given inside an
+    XLA --flagfile is not seen (set it in XLA_FLAGS or JAX_NUM_CPU_DEVICES instead).
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if DEVICE_COUNT_FLAG in flags or "JAX_NUM_CPU_DEVICES" in os.environ:
@@ -191,17 +193,21 @@ def split_cpu_into_devices() -> int:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one)."""
+    """The cores this process may run on by its affinity mask (os.cpu_count() where the OS has
+    none). A cgroup CPU quota is not read: a container limited to one core of a larger machine
+    still gets two devices."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
 
 
-def configure() -> int:
+def configure(split_cpu: bool = True) -> None:
     """Sections 1, 2 and 4 of this module; call before jax's first computation.
 
-    Returns the CPU device count it set (0 when it left the count alone).
+    split_cpu=False leaves the CPU device count alone (main.py's --multihost: several processes on
+    one machine would each take two devices, and hosts with different core counts would disagree).
     """
     add_xla_cpu_flags()
     keep_freed_memory()
-    return split_cpu_into_devices()
+    if split_cpu:
+        split_cpu_into_devices()

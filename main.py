@@ -63,7 +63,9 @@ def _quiet_libraries(record: logging_std.LogRecord) -> bool:
 
 def main(argv):
     del argv
-    cpu_devices = cpu_runtime.configure()  # before jax's first computation: see cpu_runtime.py
+    # Before jax's first computation (cpu_runtime.py); processes of a multihost run keep XLA's
+    # device count, so that processes sharing a machine do not each split it.
+    cpu_runtime.configure(split_cpu=not FLAGS.multihost)
     logging.get_absl_handler().addFilter(_quiet_libraries)
     if FLAGS.multihost:
         # Cross-process collectives between CPU devices go through gloo (no effect on GPU/TPU).
@@ -72,10 +74,6 @@ def main(argv):
                                    FLAGS.process_id)
     logging.info("JAX %s: process %d/%d, %d devices (%s).", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-    if cpu_devices and jax.default_backend() == "cpu":
-        logging.info("The CPU runs as %d XLA devices, each on part of the batch (cpu_runtime.py, "
-                     "section 4); XLA_FLAGS=--xla_force_host_platform_device_count=1 gives one.",
-                     cpu_devices)
     try:
         MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
     except (config_lib.ConfigError, input_pipeline.DatasetNotAvailableError,

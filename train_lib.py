@@ -335,6 +335,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, *,
                                 image_shape=image_shape)
     state, step = checkpointing.restore_latest(
         workdir, abstract_state(init_fn, jax.random.key(0, impl="rbg"), replicated),
-        missing="No checkpoint in {directory}. Fix: train first (--mode=train with the same "
-                "--workdir), or point --workdir at a trained run.")
+        missing=lambda directory: (
+            f"No checkpoint in {directory}. Fix: train first (--mode=train with the same "
+            f"--workdir), or point --workdir at a trained run."))
     return model, (state.ema_params if use_ema else state.params), step

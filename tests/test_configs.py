@@ -46,7 +46,9 @@ BAD = [
     ("diffusion.var_type", "learned_range", "only trained by the bound term"),
     ("diffusion.num_timesteps", 10, "diffusion.num_timesteps=10"),
     ("optim.lr", -1e-4, "optim.lr=-0.0001 must be positive"),
-    ("train.batch_size", 12, "train.batch_size=12 is not a positive multiple of the 8 devices"),
+    ("train.batch_size", 12, "train.batch_size=12 is not a positive multiple of the 8 devices. "
+     "Fix: use a multiple of 8, or run on fewer devices (on a CPU: "
+     "XLA_FLAGS=--xla_force_host_platform_device_count=1)."),
     ("train.ema_decay", 1.5, "train.ema_decay=1.5"),
     ("train.log_every", 3, "train.log_every=3 must be a non-negative multiple"),
     ("data.name", "", "data.name is empty"),

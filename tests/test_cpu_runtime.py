@@ -143,13 +143,14 @@ def test_split_cpu_into_devices(monkeypatch):
 
 
 def test_configure_gives_jax_the_devices():
-    """In a fresh process jax sees min(2, cores) CPU devices after configure(), which says so."""
-    code = ("import cpu_runtime; n = cpu_runtime.configure()\n"
-            "import jax; print(n, jax.device_count())")
+    """In a fresh process jax sees min(2, cores) CPU devices after configure(), one with
+    configure(split_cpu=False) (main.py --multihost)."""
+    code = ("import sys, cpu_runtime; cpu_runtime.configure(split_cpu=sys.argv[1] == '1')\n"
+            "import jax; print(jax.device_count())")
     env = {"XLA_FLAGS": None, "JAX_NUM_CPU_DEVICES": None, "JAX_PLATFORMS": "cpu"}
     expected = min(cpu_runtime.CPU_DEVICES, cpu_runtime.usable_cores())
-    said, seen = map(int, _python(code, env=env).split())
-    assert seen == expected and said == (expected if expected > 1 else 0)
+    assert int(_python(code, "1", env=env)) == expected
+    assert int(_python(code, "0", env=env)) == 1
 
 
 _RESTART = (
