@@ -199,3 +199,17 @@ def test_huge_page_tunable_backs_a_threads_large_buffer():
 
     assert anon_huge_kb("glibc.malloc.hugetlb=0") == 0
     assert anon_huge_kb(cpu_runtime.MALLOC_TUNABLE) > 0
+
+
+def test_main_runs_on_the_split_cpu(tmp_path):
+    """main.py as a user starts it (no device count in XLA_FLAGS) sees min(2, cores) devices; here
+    it stops at once, naming the missing checkpoint."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+         "--mode=sample"], env={**env, "JAX_PLATFORMS": "cpu"}, cwd=ROOT, capture_output=True,
+        text=True, timeout=300)
+    expected = min(cpu_runtime.CPU_DEVICES, cpu_runtime.usable_cores())
+    assert proc.returncode == 1
+    assert f"process 0/1, {expected} devices (cpu)." in proc.stderr
+    assert "No checkpoint in" in proc.stderr
