@@ -15,17 +15,21 @@ import cpu_runtime
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _python(code: str, *args: str, env: dict[str, str | None] | None = None) -> str:
-    """stdout of `python -c code args` in the repo root; env entries override os.environ (None
-    removes the variable)."""
-    full_env = dict(os.environ)
-    for name, value in (env or {}).items():
+def _env(overrides: dict[str, str | None] | None) -> dict[str, str]:
+    """os.environ with `overrides` applied (None removes the variable)."""
+    env = dict(os.environ)
+    for name, value in (overrides or {}).items():
         if value is None:
-            full_env.pop(name, None)
+            env.pop(name, None)
         else:
-            full_env[name] = value
+            env[name] = value
+    return env
+
+
+def _python(code: str, *args: str, env: dict[str, str | None] | None = None) -> str:
+    """stdout of `python -c code args` in the repo root, environment `_env(env)`."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          check=True, cwd=ROOT, env=full_env).stdout
+                          check=True, cwd=ROOT, env=_env(env)).stdout
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -142,15 +146,18 @@ def test_split_cpu_into_devices(monkeypatch):
     assert "XLA_FLAGS" not in os.environ
 
 
+# A user's environment: no CPU device count of their own (the tests run with 8).
+_AS_USERS_START = {"XLA_FLAGS": None, "JAX_NUM_CPU_DEVICES": None, "JAX_PLATFORMS": "cpu"}
+
+
 def test_configure_gives_jax_the_devices():
     """In a fresh process jax sees min(2, cores) CPU devices after configure(), one with
     configure(split_cpu=False) (main.py --multihost)."""
     code = ("import sys, cpu_runtime; cpu_runtime.configure(split_cpu=sys.argv[1] == '1')\n"
             "import jax; print(jax.device_count())")
-    env = {"XLA_FLAGS": None, "JAX_NUM_CPU_DEVICES": None, "JAX_PLATFORMS": "cpu"}
     expected = min(cpu_runtime.CPU_DEVICES, cpu_runtime.usable_cores())
-    assert int(_python(code, "1", env=env)) == expected
-    assert int(_python(code, "0", env=env)) == 1
+    assert int(_python(code, "1", env=_AS_USERS_START)) == expected
+    assert int(_python(code, "0", env=_AS_USERS_START)) == 1
 
 
 _RESTART = (
@@ -204,11 +211,10 @@ def test_huge_page_tunable_backs_a_threads_large_buffer():
 def test_main_runs_on_the_split_cpu(tmp_path):
     """main.py as a user starts it (no device count in XLA_FLAGS) sees min(2, cores) devices; here
     it stops at once, naming the missing checkpoint."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env = _env(_AS_USERS_START)
     proc = subprocess.run(
         [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={tmp_path}",
-         "--mode=sample"], env={**env, "JAX_PLATFORMS": "cpu"}, cwd=ROOT, capture_output=True,
-        text=True, timeout=300)
+         "--mode=sample"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     expected = min(cpu_runtime.CPU_DEVICES, cpu_runtime.usable_cores())
     assert proc.returncode == 1
     assert f"process 0/1, {expected} devices (cpu)." in proc.stderr
