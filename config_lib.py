@@ -10,6 +10,8 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
+from errors import UserError
+
 SCHEDULES = ("linear", "cosine", "sigmoid")
 PREDICTIONS = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
@@ -21,7 +23,7 @@ EVAL_CONDITIONS = ("label", "null")
 FEATURE_NETS = ("inception_v3", "mnist_classifier")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the field and the fix."""
 
 

@@ -25,11 +25,13 @@ from typing import Protocol
 
 import numpy as np
 
+from errors import UserError
+
 MNIST_5K = "mnist_5k"
 _MNIST_5K_TEST_PER_CLASS = 50
 
 
-class DatasetNotAvailableError(RuntimeError):
+class DatasetNotAvailableError(UserError, RuntimeError):
     """The dataset is not on this machine; the message says how to prepare it."""
 
 

@@ -1,0 +1,11 @@
+"""The one exception type for problems a user causes and can fix.
+
+Everything that a user's command, config, data or workdir can get wrong is raised as a
+`UserError` (or a subclass) whose message names the bad value and the fix. `main.py` catches
+exactly this type and prints the message as one line, without a traceback; anything else is a
+bug or a crash and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message names the bad value and the fix."""
