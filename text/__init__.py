@@ -1,0 +1,1 @@
+"""Text conditioning: frozen text encoders and the captions they encode."""
