@@ -20,6 +20,11 @@ WEIGHTINGS = ("none", "min_snr")
 SAMPLERS = ("ancestral", "ddim", "dpm_solver_pp_2m")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_CONDITIONS = ("label", "null")
+TEXT_ENCODERS = ("", "minilm", "clip")
+TEXT_CONDITIONINGS = ("pooled", "cross_attention", "both")
+CAPTIONS = ("", "digits")
+# (token state width D, pooled width Dp) of each encoder; clip's are read from its weights.
+_TEXT_WIDTHS = {"minilm": (384, 384)}
 FEATURE_NETS = ("inception_v3", "mnist_classifier")
 
 
@@ -111,13 +116,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
              f"diffusion.schedule='linear' scales beta_end = 0.02 * 1000 / T, which reaches 1 "
              f"for diffusion.num_timesteps={d.num_timesteps}. Fix: T > 20 or schedule='cosine'.")
     _require(0.0 <= d.p_uncond < 1.0, f"diffusion.p_uncond={d.p_uncond} must be in [0, 1).")
-    _require(d.p_uncond == 0.0 or m.num_classes > 0,
+    conditional = m.num_classes > 0 or bool(m.text_encoder)
+    _require(d.p_uncond == 0.0 or conditional,
              f"diffusion.p_uncond={d.p_uncond} drops class labels, but model.num_classes=0. "
              f"Fix: set --config.model.num_classes or --config.diffusion.p_uncond=0.")
 
     _validate_network(m, "model", config.data.image_size)
     _one_of(m.dtype, DTYPES, "model.dtype")
     _require(m.num_classes >= 0, f"model.num_classes={m.num_classes} must be >= 0.")
+    _validate_text(config)
 
     _require(o.lr > 0, f"optim.lr={o.lr} must be positive. Fix: e.g. --config.optim.lr=2e-4.")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0.")
@@ -143,10 +150,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _require_batch(s.batch_size, "sample.batch_size", num_devices)
     _require(s.num_samples > 0, f"sample.num_samples={s.num_samples} must be positive.")
     _require(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0.")
-    _require(s.guidance_scale == 0 or (m.num_classes > 0 and d.p_uncond > 0),
+    _require(s.guidance_scale == 0 or (conditional and d.p_uncond > 0),
              f"sample.guidance_scale={s.guidance_scale} needs a model trained with the null "
-             f"label (model.num_classes > 0 and diffusion.p_uncond > 0). Fix: "
-             f"--config.sample.guidance_scale=0.")
+             f"condition (model.num_classes > 0 or model.text_encoder, and diffusion.p_uncond "
+             f"> 0). Fix: --config.sample.guidance_scale=0.")
+    _require(not s.unconditional or (conditional and d.p_uncond > 0),
+             "sample.unconditional=True samples with the null condition, which needs a model "
+             "trained with it (model.num_classes > 0 or model.text_encoder, and "
+             "diffusion.p_uncond > 0). Fix: --config.sample.unconditional=False.")
+    _require(not (s.prompt or s.prompts) or m.text_encoder,
+             "sample.prompt / sample.prompts need a text-conditional model. Fix: set "
+             "--config.model.text_encoder (and train it), or drop the prompt.")
+    _require(not (s.prompt and s.prompts),
+             "sample.prompt and sample.prompts are both set. Fix: give one of them.")
     _require(s.progress_every >= 0, f"sample.progress_every={s.progress_every} must be >= 0.")
     _require(s.classifier_scale >= 0,
              f"sample.classifier_scale={s.classifier_scale} must be >= 0 (0 = off).")
@@ -193,6 +209,66 @@ def _validate_eval(config: ml_collections.ConfigDict, num_devices: int) -> None:
              "eval.kid_subset_size and eval.kid_max_features must be >= 2, "
              "eval.kid_num_subsets >= 1.")
     _require(e.is_splits >= 1, f"eval.is_splits={e.is_splits} must be >= 1.")
+    _require(e.text_num_prompts >= 2,
+             f"eval.text_num_prompts={e.text_num_prompts} must be >= 2 (90 covers every meaning "
+             f"once).")
+
+
+def _validate_text(config: ml_collections.ConfigDict) -> None:
+    """model.text_* and data.captions: a text encoder needs captions and a way into the UNet."""
+    m, data = config.model, config.data
+    _one_of(m.text_encoder, TEXT_ENCODERS, "model.text_encoder")
+    _one_of(data.captions, CAPTIONS, "data.captions")
+    if data.captions == "digits":
+        _require(data.name == "mnist_5k",
+                 f"data.captions='digits' captions the offline digits from their pixels, but "
+                 f"data.name={data.name!r}. Fix: --config.data.name=mnist_5k, or "
+                 f"--config.data.captions=''.")
+        _require(not data.random_flip,
+                 "data.captions='digits' names the slant of each digit, which a horizontal flip "
+                 "reverses. Fix: --config.data.random_flip=False.")
+    if not m.text_encoder:
+        _require(not data.captions,
+                 f"data.captions={data.captions!r} but model.text_encoder=''; nothing would "
+                 f"read the captions. Fix: --config.model.text_encoder=minilm, or "
+                 f"--config.data.captions=''.")
+        return
+    _require(bool(data.captions),
+             f"model.text_encoder={m.text_encoder!r} needs captions, but data.captions='' "
+             f"(data.name={data.name!r} has none configured). Fix: "
+             f"--config.data.captions=digits with data.name=mnist_5k.")
+    _require(m.text_encoder != "clip" or bool(m.text_weights),
+             "model.text_encoder='clip' needs its converted weights. Fix: "
+             "--config.model.text_weights=PATH.npz (see README, Text encoders).")
+    limit = 77 if m.text_encoder == "clip" else 512
+    _require(2 <= m.text_max_length <= limit,
+             f"model.text_max_length={m.text_max_length} must be in [2, {limit}] for "
+             f"model.text_encoder={m.text_encoder!r}.")
+    _one_of(m.text_conditioning, TEXT_CONDITIONINGS, "model.text_conditioning")
+    if m.text_conditioning != "pooled":
+        size, levels = data.image_size, len(m.ch_mult)
+        resolutions = [size // 2**i for i in range(levels)]
+        for r in m.cross_attn_resolutions:
+            _require(r in resolutions,
+                     f"model.cross_attn_resolutions contains {r}, which is not one of this "
+                     f"model's resolutions {resolutions}. Fix: pick from those.")
+        channels = {m.ch * m.ch_mult[resolutions.index(r)] for r in m.cross_attn_resolutions}
+        for c in channels | {m.ch * m.ch_mult[-1]}:  # the middle block has cross-attention too
+            _require(m.num_heads > 0 and c % m.num_heads == 0,
+                     f"model.num_heads={m.num_heads} does not divide the {c} channels of a "
+                     f"level with cross-attention. Fix: pick a divisor of {c}.")
+
+
+def text_widths(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(D, Dp): the widths of the encoder's token states and pooled vector; (0, 0) without."""
+    m = config.model
+    if not m.text_encoder:
+        return 0, 0
+    if m.text_encoder in _TEXT_WIDTHS:
+        return _TEXT_WIDTHS[m.text_encoder]
+    from text import encoders  # reads the shapes from the weights file
+
+    return encoders.widths(m.text_encoder, m.text_weights)
 
 
 def _validate_labels(spec: str, num_classes: int) -> None:
@@ -234,13 +310,18 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
     """Typed keyword arguments of `models.UNet` for this config."""
     m = config.model
     out_ch = config.data.num_channels * (2 if config.diffusion.var_type == "learned_range" else 1)
+    width, pooled_width = text_widths(config)
+    pooled = m.text_conditioning in ("pooled", "both")
+    tokens = m.text_conditioning in ("cross_attention", "both")
     return dict(
         ch=int(m.ch), out_ch=out_ch, ch_mult=tuple(int(c) for c in m.ch_mult),
         num_res_blocks=int(m.num_res_blocks),
         attn_resolutions=tuple(int(r) for r in m.attn_resolutions), dropout=float(m.dropout),
         resamp_with_conv=bool(m.resamp_with_conv), num_groups=int(m.num_groups),
-        num_classes=int(m.num_classes), cond_dim=int(m.cond_dim), dtype=DTYPES[m.dtype],
-        remat=bool(m.remat))
+        num_classes=int(m.num_classes), cond_dim=pooled_width if pooled else 0,
+        context_dim=width if tokens else 0,
+        cross_attn_resolutions=tuple(int(r) for r in m.cross_attn_resolutions) if tokens else (),
+        num_heads=int(m.num_heads), dtype=DTYPES[m.dtype], remat=bool(m.remat))
 
 
 def classifier_kwargs(config: ml_collections.ConfigDict) -> dict:

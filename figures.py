@@ -238,8 +238,11 @@ def _host_params(params):
     return jax.tree.map(np.asarray, jax.device_get(params))
 
 
-def _figure_labels(num_images: int, num_classes: int) -> np.ndarray | None:
-    return np.arange(num_images, dtype=np.int32) % num_classes if num_classes else None
+def _figure_cond(num_images: int, num_classes: int) -> dict | None:
+    """Labels 0, 1, ... of a class-conditional model."""
+    if not num_classes:
+        return None
+    return {"label": np.arange(num_images, dtype=np.int32) % num_classes}
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str):
@@ -261,7 +264,7 @@ def reverse_chain_figure(path: str, config: ml_collections.ConfigDict, workdir: 
     shape = (num_images, config.data.image_size, config.data.image_size,
              config.data.num_channels)
     model_fn = sampling_lib.guided_model_fn(model, _host_params(params),
-                                            _figure_labels(num_images, model.num_classes),
+                                            _figure_cond(num_images, model.num_classes),
                                             config.sample.guidance_scale)
     key = jax.random.key(seed)
     T = schedule.num_timesteps
@@ -324,7 +327,7 @@ def guidance_figure(path: str, config: ml_collections.ConfigDict, workdir: str, 
             config, model, schedule, mesh, batch_size=batch,
             num_steps=min(num_steps, schedule.num_timesteps), guidance_scale=scale)
         images = sampling_lib.sample_many(sampler, params, num_samples=len(labels),
-                                          labels=labels, seed=seed, log_progress=False)
+                                          cond={"label": labels}, seed=seed, log_progress=False)
         # Judged as shown: quantised to uint8, as guidance_sweep judges what it writes.
         uint8 = metric_logging.to_uint8(images)
         predicted = np.argmax(np.asarray(apply_fn(classifier_params,

@@ -22,8 +22,11 @@ import classifier_training
 import config_lib
 import metric_logging
 import sampling_lib
+import text_conditioning
 import train_lib
 from diffusion import schedules
+from models import conditioning
+from text import captions
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str):
@@ -34,10 +37,25 @@ def _setup(config: ml_collections.ConfigDict, workdir: str):
     return model, params, step, schedule, train_lib.make_mesh()
 
 
+def _prompt_rows(prompts: list[str], num_samples: int) -> list[str]:
+    """The prompt of each of num_samples images: one block (a grid row when it divides evenly)
+    per prompt, in order."""
+    return [prompts[i * len(prompts) // num_samples] for i in range(num_samples)]
+
+
 def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-    """Samples config.sample.num_samples images; one grid row per class by default."""
+    """Samples config.sample.num_samples images; one grid row per class (or prompt) by default.
+
+    Text models take sample.prompt or the lines of sample.prompts; sample.unconditional=True
+    samples every image with the null condition ∅ (the null label, the empty caption)."""
     s = config.sample
     model, params, step, schedule, mesh = _setup(config, workdir)
+    text = text_conditioning.text_fields(model)
+    if text and not (s.prompt or s.prompts or s.unconditional):
+        raise config_lib.ConfigError(
+            "This model is conditioned on text: say what to draw. Fix: "
+            "--config.sample.prompt='a thick seven', --config.sample.prompts=FILE (one prompt "
+            "per line), or --config.sample.unconditional=True.")
     classifier = classifier_params = None
     num_classes = model.num_classes
     if s.classifier_scale > 0:
@@ -46,19 +64,38 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
         num_classes = classifier.num_classes
         logging.info("Classifier guidance: scale %g, classifier step %d.", s.classifier_scale,
                      classifier_step)
+    labels = sampling_lib.parse_labels(s.labels, s.num_samples, num_classes)
+    if s.unconditional and model.num_classes:
+        labels = np.full(s.num_samples, model.num_classes, np.int32)  # the null label
+    cond = {} if labels is None else {"label": labels}
+    prompts = null = None
+    if text:
+        prompts = [""] if s.unconditional else captions.read_prompts(s.prompt, s.prompts)
+        prompts = _prompt_rows(prompts, s.num_samples)
+        text_cond, text_null = text_conditioning.prompt_cond(config, model, prompts)
+        cond.update(text_cond)
+        null = conditioning.null_cond(model.num_classes, text_null)
     sampler = sampling_lib.sampler_from_config(config, model, schedule, mesh,
                                                batch_size=s.batch_size, num_steps=s.num_steps,
-                                               classifier=classifier)
-    labels = sampling_lib.parse_labels(s.labels, s.num_samples, num_classes)
-    logging.info("Sampling %d images from step %d: %s, %d steps, guidance %g.", s.num_samples,
-                 step, s.sampler, sampler.num_steps, s.guidance_scale)
-    images = sampling_lib.sample_many(sampler, params, num_samples=s.num_samples, labels=labels,
-                                      seed=s.seed, classifier_params=classifier_params)
+                                               classifier=classifier, null=null)
+    logging.info("Sampling %d images from step %d: %s, %d steps, guidance %g%s.", s.num_samples,
+                 step, s.sampler, sampler.num_steps, s.guidance_scale,
+                 ", unconditional (∅)" if s.unconditional else "")
+    images = sampling_lib.sample_many(sampler, params, num_samples=s.num_samples,
+                                      cond=cond or None, seed=s.seed,
+                                      classifier_params=classifier_params)
     name = f"samples_step{step}_{s.sampler}{sampler.num_steps}_w{s.guidance_scale:g}"
     if s.classifier_scale > 0:
         name += f"_s{s.classifier_scale:g}"
-    ncols = sampling_lib.grid_columns(s.num_samples, 0 if s.labels.strip() else num_classes)
-    paths = sampling_lib.write_samples(workdir, images, labels, ncols, name=name)
+    if s.unconditional:
+        name += "_uncond"
+    if prompts:  # a row per prompt; one prompt: a square grid
+        groups = len(set(prompts)) if len(set(prompts)) > 1 else 0
+    else:
+        groups = 0 if s.labels.strip() or s.unconditional else num_classes
+    ncols = sampling_lib.grid_columns(s.num_samples, groups)
+    paths = sampling_lib.write_samples(workdir, images, labels, ncols, name=name,
+                                       prompts=prompts)
     if jax.process_index() == 0:
         logging.info("Wrote %s and %s", paths["png"], paths["npz"])
     return paths
@@ -95,7 +132,7 @@ def guidance_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                    batch_size=s.batch_size,
                                                    num_steps=s.num_steps, guidance_scale=scale)
         images = sampling_lib.sample_many(sampler, params, num_samples=len(labels),
-                                          labels=labels, seed=s.seed)
+                                          cond={"label": labels}, seed=s.seed)
         # Judge what is written to disk: images quantised to uint8, mapped back to [-1, 1].
         quantised = metric_logging.to_uint8(images).astype(np.float32) / 127.5 - 1.0
         predicted = np.concatenate([np.asarray(classify(quantised[i:i + s.batch_size]))

@@ -31,6 +31,7 @@ import evaluate
 import figures
 import generate
 import input_pipeline
+import text_eval
 import train_lib
 
 # --mode -> what it runs, each called as fn(config, workdir).
@@ -41,6 +42,7 @@ MODES = {
     "train_classifier": classifier_training.train_classifier,
     "guidance_sweep": generate.guidance_sweep,
     "figures": figures.make_figures,
+    "text_eval": text_eval.text_eval,
 }
 
 FLAGS = flags.FLAGS

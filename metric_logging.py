@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 from absl import logging
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -33,6 +33,23 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
         image = image[..., 0]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(image).save(path)
+
+
+def label_rows(image: np.ndarray, labels: list[str], *, row_height: int, pad: int = 2,
+               width: int = 260) -> np.ndarray:
+    """A grid image uint8 [H, W, C] with a white margin of `width` px on the left in which row
+    i's label is written (PIL's built-in font: nothing to download). Rows are row_height + pad
+    tall, as make_grid lays them out."""
+    h, w, c = image.shape
+    canvas = Image.new("L", (width, h), 255)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for i, text in enumerate(labels):
+        y = pad + i * (row_height + pad) + row_height // 2
+        draw.text((4, y), text if len(text) <= 40 else text[:39] + "…", fill=0, font=font,
+                  anchor="lm")
+    margin = np.repeat(np.asarray(canvas, np.uint8)[..., None], c, axis=-1)
+    return np.concatenate([margin, image], axis=1)
 
 
 def format_duration(seconds: float) -> str:

@@ -1,7 +1,9 @@
 """Images from a trained model: guided model functions, a chunked sharded sampler, sample files.
 
-Classifier-free guidance (Ho & Salimans 2022): with the null label ∅ = num_classes,
-    ε̃(x_t, y) = (1 + w) ε(x_t, y) − w ε(x_t, ∅),
+The model is conditioned on one pytree `cond` (models/conditioning.py: a label, text tokens, a
+pooled embedding). Classifier-free guidance (Ho & Salimans 2022), with ∅ the null condition (the
+null label; the empty caption's encoding):
+    ε̃(x_t, c) = (1 + w) ε(x_t, c) − w ε(x_t, ∅),
 both terms from one batched call (`diffusion.guidance.classifier_free_guidance`). The combination
 is linear in the network output, so it is the same for ε-, x0- and v-prediction; with a learned
 variance only the mean channels are guided and the conditional variance is kept.
@@ -28,23 +30,30 @@ from jax.sharding import PartitionSpec as P
 import cpu_runtime
 import metric_logging
 from diffusion import guidance, samplers, schedules
-from models import NoisyClassifier, UNet, classifier_log_prob_grad
+from models import NoisyClassifier, UNet, classifier_log_prob_grad, conditioning
 
 
-def guided_model_fn(model: UNet, params, labels: jax.Array | None,
-                    guidance_scale: float) -> samplers.ModelFn:
-    """model_fn(x_t [B,H,W,C], t [B]) -> network output, guided when guidance_scale > 0."""
+def guided_model_fn(model: UNet, params, cond: conditioning.Cond | None, guidance_scale: float,
+                    null: dict | None = None) -> samplers.ModelFn:
+    """model_fn(x_t [B,H,W,C], t [B]) -> network output, guided when guidance_scale > 0.
+
+    cond: the condition (the fields the model reads are used; None or {} = unconditional).
+    null: ∅ (`conditioning.null_cond`); default the null label of a class-conditional model.
+    """
+    cond = conditioning.select(cond, model.cond_fields)
+    null = conditioning.null_cond(model.num_classes) if null is None else null
 
     def model_fn(x, t):
-        if labels is None or guidance_scale == 0:
-            return model.apply({"params": params}, x, t, labels, train=False)
-        null = jnp.full_like(labels, model.num_classes)
+        if not cond or guidance_scale == 0:
+            return model.apply({"params": params}, x, t, cond, train=False)
+        both = conditioning.concatenate([cond, conditioning.uncond_like(cond, null)])
         out = model.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                          jnp.concatenate([labels, null]), train=False)
-        cond, uncond = jnp.split(out, 2)
+                          both, train=False)
+        cond_out, uncond = jnp.split(out, 2)
         c = x.shape[-1]  # guide the mean channels only (the rest is a learned variance)
-        guided = guidance.classifier_free_guidance(cond[..., :c], uncond[..., :c], guidance_scale)
-        return jnp.concatenate([guided, cond[..., c:]], axis=-1)
+        guided = guidance.classifier_free_guidance(cond_out[..., :c], uncond[..., :c],
+                                                   guidance_scale)
+        return jnp.concatenate([guided, cond_out[..., c:]], axis=-1)
 
     return model_fn
 
@@ -91,13 +100,16 @@ class Sampler:
 
     progress_every: steps per jitted chunk, with a progress line after each (0 = the whole loop
     in one call, no progress lines). `num_traces` counts how often the chunk was traced.
+    null: the null condition ∅ of classifier-free guidance (`conditioning.null_cond`; default:
+    the null label of a class-conditional model). The classifier of classifier guidance reads
+    the request's cond["label"].
     """
 
     def __init__(self, model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
                  image_shape: tuple[int, int, int], batch_size: int, sampler: str,
                  num_steps: int, eta: float, clip_x0: bool, guidance_scale: float,
                  prediction: str, var_type: str, classifier: NoisyClassifier | None = None,
-                 classifier_scale: float = 0.0, progress_every: int = 0):
+                 classifier_scale: float = 0.0, progress_every: int = 0, null: dict | None = None):
         self.model = model
         self.batch_size = batch_size
         self.image_shape = image_shape
@@ -108,13 +120,12 @@ class Sampler:
         self._replicated = NamedSharding(mesh, P())
         use_classifier = classifier is not None and classifier_scale != 0
 
-        def chunk(params, classifier_params, state, labels, key, start, stop):
+        def chunk(params, classifier_params, state, cond, key, start, stop):
             self.num_traces += 1
-            model_fn = guided_model_fn(model, params, labels if model.num_classes else None,
-                                       guidance_scale)
+            model_fn = guided_model_fn(model, params, cond, guidance_scale, null)
             cond_fn = None
             if use_classifier:
-                cond_fn = classifier_cond_fn(classifier, classifier_params, labels,
+                cond_fn = classifier_cond_fn(classifier, classifier_params, cond["label"],
                                              classifier_scale)
             return samplers.sample_steps(
                 model_fn, schedule, state, key, start, stop, sampler=sampler,
@@ -128,38 +139,39 @@ class Sampler:
         self._chunk = jax.jit(chunk, in_shardings=(rep, rep, data, data, rep, rep, rep),
                               out_shardings=data, donate_argnums=2, compiler_options=options)
 
-    def _inputs(self, params, classifier_params, key: jax.Array, labels: np.ndarray | None):
-        """(params, classifier_params, state, labels, loop key), placed as the chunk wants them."""
+    def _inputs(self, params, classifier_params, key: jax.Array, cond: dict | None):
+        """(params, classifier_params, state, cond, loop key), placed as the chunk wants them."""
         k_init, k_loop = jax.random.split(key)  # as samplers.sample splits it
         x_T = jax.random.normal(k_init, (self.batch_size, *self.image_shape), jnp.float32)
         state = jax.device_put(samplers.init_state(x_T), self._data)
-        if labels is None:
-            labels = np.zeros(self.batch_size, np.int32)
-        labels = jax.device_put(jnp.asarray(labels, jnp.int32), self._data)
+        cond = jax.device_put({name: jnp.asarray(v) for name, v in (cond or {}).items()},
+                              self._data)
         params, classifier_params = jax.device_put((params, classifier_params), self._replicated)
-        return params, classifier_params, state, labels, k_loop
+        return params, classifier_params, state, cond, k_loop
 
-    def compile(self, params, classifier_params=None) -> float:
-        """Traces and compiles the chunk now (later calls reuse it); returns the seconds taken."""
+    def compile(self, params, classifier_params=None, cond: dict | None = None) -> float:
+        """Traces and compiles the chunk for conditions shaped like `cond` [batch_size, ...]
+        (later calls reuse it); returns the seconds taken."""
         begin = time.perf_counter()
-        inputs = self._inputs(params, classifier_params, jax.random.key(0), None)
+        inputs = self._inputs(params, classifier_params, jax.random.key(0), cond)
         self._chunk.lower(*inputs, 0, 0).compile()
         return time.perf_counter() - begin
 
-    def __call__(self, params, key: jax.Array, labels: np.ndarray | None, *,
+    def __call__(self, params, key: jax.Array, cond: dict | None, *,
                  classifier_params=None, progress: metric_logging.Progress | None = None,
                  progress_offset: int = 0) -> np.ndarray:
         """Images in [-1, 1], float32 [batch_size, H, W, C], on the host.
 
+        cond: the condition of each image, fields [batch_size, ...] (None = unconditional).
         Bit for bit the same for any progress_every (one executable, the state carried); the
         images of `samplers.sample(..., key)` up to float32 rounding.
         progress: logs a line after each chunk, at step progress_offset + (steps done).
         """
-        params, classifier_params, state, labels, k_loop = self._inputs(
-            params, classifier_params, key, labels)
+        params, classifier_params, state, cond, k_loop = self._inputs(
+            params, classifier_params, key, cond)
         for start in range(0, self.num_steps, self.progress_every):
             stop = min(start + self.progress_every, self.num_steps)
-            state = self._chunk(params, classifier_params, state, labels, k_loop, start, stop)
+            state = self._chunk(params, classifier_params, state, cond, k_loop, start, stop)
             if progress is not None:
                 jax.block_until_ready(state)
                 step = progress_offset + stop
@@ -167,14 +179,21 @@ class Sampler:
         return np.asarray(jax.device_get(state.x))
 
 
-def sample_many(sampler: Sampler, params, *, num_samples: int, labels: np.ndarray | None,
-                seed: int, classifier_params=None, log_progress: bool = True) -> np.ndarray:
+def sample_many(sampler: Sampler, params, *, num_samples: int, cond: dict | None, seed: int,
+                classifier_params=None, log_progress: bool = True) -> np.ndarray:
     """num_samples images in [-1, 1], streamed in batches of sampler.batch_size.
 
-    With log_progress, a line with steps/s, images/s and the ETA of the whole run follows every
-    chunk (compilation comes first, timed on its own).
+    cond: fields [num_samples, ...] on the host (None = unconditional). With log_progress, a line
+    with steps/s, images/s and the ETA of the whole run follows every chunk (compilation comes
+    first, timed on its own).
     """
-    seconds = sampler.compile(params, classifier_params)
+    def batch_cond(start: int) -> dict | None:  # pad the last batch: one shape, one compilation
+        if not cond:
+            return None
+        rows = conditioning.take(cond, slice(start, start + sampler.batch_size))
+        return conditioning.resize(rows, sampler.batch_size)
+
+    seconds = sampler.compile(params, classifier_params, batch_cond(0))
     logging.info("Compiled the sampler in %.1f s.", seconds)
     out = []
     key = jax.random.key(seed)
@@ -185,10 +204,7 @@ def sample_many(sampler: Sampler, params, *, num_samples: int, labels: np.ndarra
     start_time = time.perf_counter()
     for i, start in enumerate(range(0, num_samples, sampler.batch_size)):
         n = min(sampler.batch_size, num_samples - start)
-        batch_labels = None
-        if labels is not None:  # pad the last batch: one batch size, one compilation
-            batch_labels = np.resize(labels[start:start + n], sampler.batch_size)
-        images = sampler(params, jax.random.fold_in(key, i), batch_labels,
+        images = sampler(params, jax.random.fold_in(key, i), batch_cond(start),
                          classifier_params=classifier_params,
                          progress=progress if log_progress else None,
                          progress_offset=i * sampler.num_steps)
@@ -202,7 +218,8 @@ def sampler_from_config(config: ml_collections.ConfigDict, model: UNet,
                         schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
                         batch_size: int, num_steps: int, sampler: str | None = None,
                         guidance_scale: float | None = None,
-                        classifier: NoisyClassifier | None = None) -> Sampler:
+                        classifier: NoisyClassifier | None = None,
+                        null: dict | None = None) -> Sampler:
     """A `Sampler` with config.sample's settings; classifier guidance when `classifier` is given
     and config.sample.classifier_scale > 0."""
     s = config.sample
@@ -214,7 +231,7 @@ def sampler_from_config(config: ml_collections.ConfigDict, model: UNet,
         guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
         prediction=config.diffusion.prediction, var_type=config.diffusion.var_type,
         classifier=classifier, classifier_scale=s.classifier_scale,
-        progress_every=s.progress_every)
+        progress_every=s.progress_every, null=null)
 
 
 class GridSampler:
@@ -224,24 +241,33 @@ class GridSampler:
         n = min(config.sample.num_samples, 64)
         n -= n % jax.device_count()
         n = max(n, jax.device_count())
-        self._labels = grid_labels(n, model.num_classes)
+        labels = grid_labels(n, model.num_classes)
+        self._cond = None if labels is None else {"label": labels}
         self._ncols = grid_columns(n, model.num_classes)
         self._sampler = sampler_from_config(config, model, schedule, mesh, batch_size=n,
                                             num_steps=num_steps, sampler="ancestral")
 
     def grid(self, params, seed: int) -> np.ndarray:
-        images = self._sampler(params, jax.random.key(seed), self._labels)
+        images = self._sampler(params, jax.random.key(seed), self._cond)
         return metric_logging.make_grid(metric_logging.to_uint8(images), self._ncols)
 
 
 def write_samples(workdir: str, images: np.ndarray, labels: np.ndarray | None, ncols: int,
-                  name: str) -> dict[str, str]:
-    """Writes `name`.png (grid) and `name`.npz (uint8 images [N,H,W,C], labels) in workdir."""
+                  name: str, prompts: list[str] | None = None) -> dict[str, str]:
+    """Writes `name`.png (grid) and `name`.npz (uint8 images [N,H,W,C], labels, prompts) in
+    workdir. prompts: the prompt of each image; a grid row per prompt is labelled with it."""
     uint8 = metric_logging.to_uint8(images)
     png = os.path.join(workdir, f"{name}.png")
     npz = os.path.join(workdir, f"{name}.npz")
     scale = max(1, 600 // (images.shape[2] * ncols))  # small digits: enlarge to be visible
-    metric_logging.save_png(png, metric_logging.make_grid(uint8, ncols), scale=scale)
+    grid = metric_logging.make_grid(uint8, ncols)
+    if prompts is not None:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+        grid = metric_logging.label_rows(grid, prompts[::ncols], row_height=images.shape[1] * scale,
+                                         pad=2 * scale)
+        scale = 1
+    metric_logging.save_png(png, grid, scale=scale)
     np.savez_compressed(npz, images=uint8,
-                        labels=labels if labels is not None else np.zeros(0, np.int32))
+                        labels=labels if labels is not None else np.zeros(0, np.int32),
+                        prompts=np.asarray(prompts if prompts is not None else [], str))
     return {"png": png, "npz": npz}

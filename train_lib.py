@@ -36,7 +36,7 @@ import metric_logging
 import sampling_lib
 from diffusion import gaussian, losses, schedules
 from evaluation.evaluator import PeriodicEvaluator
-from models import UNet
+from models import UNet, conditioning
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,14 +80,21 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     return adam
 
 
+def example_cond(model: UNet, null: dict) -> conditioning.Cond:
+    """A batch of one condition with every field the model reads (∅ itself), for init."""
+    return {name: jnp.asarray(null[name])[None] for name in model.cond_fields}
+
+
 def init_state(model: UNet, optimizer: optax.GradientTransformation, key: jax.Array,
-               image_shape: tuple[int, ...]) -> TrainState:
-    """Fresh parameters; the EMA starts equal to them."""
+               image_shape: tuple[int, ...], null: dict | None = None) -> TrainState:
+    """Fresh parameters; the EMA starts equal to them. null: ∅ (`conditioning.null_cond`),
+    default the null label of a class-conditional model."""
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-    cond = jnp.zeros((1, model.cond_dim), jnp.float32) if model.cond_dim else None
-    params = model.init({"params": key}, x, t, y, cond, train=False)["params"]
+    null = conditioning.null_cond(model.num_classes) if null is None else null
+    if model.cond_dim and "pooled" not in null:  # a vector input without a null of its own
+        null = {**null, "pooled": np.zeros(model.cond_dim, np.float32)}
+    params = model.init({"params": key}, x, t, example_cond(model, null), train=False)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                       opt_state=optimizer.init(params))
 
@@ -101,21 +108,25 @@ def abstract_state(init_fn, key: jax.Array, sharding: NamedSharding) -> Any:
 # --- the update step -----------------------------------------------------------------------------
 
 def loss_fn(params, model: UNet, schedule: schedules.Schedule, args: config_lib.DiffusionArgs,
-            batch: dict[str, jax.Array], key: jax.Array):
-    """L for one batch: x_t = q_sample(x0, t, ε) at t ~ U{0..T-1}; loss on the model output."""
+            batch: dict, key: jax.Array, null: dict | None = None):
+    """L for one batch: x_t = q_sample(x0, t, ε) at t ~ U{0..T-1}; loss on the model output.
+
+    batch: {"image": [B, H, W, C], "cond": the conditioning pytree}. With p_uncond > 0 each
+    example's condition is replaced by ∅ (`null`, default the null label) with that probability
+    (classifier-free guidance: ε(x_t, ∅) is trained too).
+    """
     x0 = batch["image"]                                    # [B, H, W, C]
     b = x0.shape[0]
     k_t, k_noise, k_drop, k_uncond = jax.random.split(key, 4)
     t = jax.random.randint(k_t, (b,), 0, args.num_timesteps)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = gaussian.q_sample(schedule, x0, t, noise)
-    y = None
-    if model.num_classes:
-        y = batch["label"]
-        if args.p_uncond > 0:  # classifier-free guidance: sometimes train ε(x_t, ∅)
-            drop = jax.random.bernoulli(k_uncond, args.p_uncond, (b,))
-            y = jnp.where(drop, model.num_classes, y)
-    out = model.apply({"params": params}, x_t, t, y, train=True, rngs={"dropout": k_drop})
+    cond = conditioning.select(batch["cond"], model.cond_fields)
+    if cond and args.p_uncond > 0:
+        keep = ~jax.random.bernoulli(k_uncond, args.p_uncond, (b,))
+        null = conditioning.null_cond(model.num_classes) if null is None else null
+        cond = conditioning.drop_cond(cond, keep, null)
+    out = model.apply({"params": params}, x_t, t, cond, train=True, rngs={"dropout": k_drop})
     terms = losses.training_losses(
         schedule, out, x0, x_t, t, noise, prediction=args.prediction, var_type=args.var_type,
         loss_type=args.loss_type, vlb_weight=args.vlb_weight, weighting=args.weighting,
@@ -182,16 +193,28 @@ class _Preemption:
 
 
 def global_batches(source, config, step: int, k: int, sharding: NamedSharding, *,
-                   batch_size: int) -> dict:
-    """K consecutive global batches as global arrays [K, B, ...], this process's rows local."""
+                   batch_size: int, transform: Callable[[dict], Any] | None = None) -> Any:
+    """K consecutive global batches as global arrays [K, B, ...], this process's rows local.
+
+    transform: maps this process's batch of `input_pipeline.get_batch` (a dict of [n, ...]
+    arrays) to the pytree the update step takes, on the host (default: unchanged).
+    """
     b = batch_size
     rows = input_pipeline.process_rows(b, jax.process_index(), jax.process_count())
     local = [input_pipeline.get_batch(source, seed=config.seed, step=step + i, batch_size=b,
                                       random_flip=config.data.random_flip, rows=rows)
              for i in range(k)]
-    stacked = {name: np.stack([x[name] for x in local]) for name in local[0]}
-    return {name: jax.make_array_from_process_local_data(
-        sharding, value, (k, b, *value.shape[2:])) for name, value in stacked.items()}
+    if transform is not None:
+        local = [transform(x) for x in local]
+    stacked = jax.tree.map(lambda *x: np.stack(x), *local)
+    return jax.tree.map(lambda value: jax.make_array_from_process_local_data(
+        sharding, value, (k, b, *value.shape[2:])), stacked)
+
+
+def diffusion_batch(model: UNet, batch: dict[str, np.ndarray]) -> dict:
+    """{"image", "cond"}: the image and the conditioning pytree of the fields the model reads."""
+    return {"image": batch["image"], "cond": {"label": batch["label"]} if model.num_classes
+            else {}}
 
 
 def check_finite(history: list[tuple[int, dict]]) -> None:
@@ -281,7 +304,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     try:
         while step < tr.num_steps:
             batches = global_batches(source, config, step, k, batch_sharding,
-                                     batch_size=tr.batch_size)
+                                     batch_size=tr.batch_size,
+                                     transform=functools.partial(diffusion_batch, model))
             state, metrics = update(state, batches)
             history.append((step, metrics))
             step += k

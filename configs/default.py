@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.image_size = 32           # images must already have this size (no resizing)
     data.num_channels = 3
     data.random_flip = True        # random horizontal flip (DDPM CIFAR-10); False for digits
+    data.captions = ""             # text models: "" = none | "digits" (mnist_5k, from the pixels)
 
     # --- model: models.UNet ---------------------------------------------------------------------
     config.model = model = ml_collections.ConfigDict()
@@ -35,7 +36,14 @@ def get_config() -> ml_collections.ConfigDict:
     model.resamp_with_conv = True
     model.num_groups = 32          # GroupNorm groups; must divide every level's channel count
     model.num_classes = 0          # 0 = unconditional; else labels 0..n-1 plus a null label n
-    model.cond_dim = 0             # 0 = none; else a conditioning vector (e.g. a text embedding)
+    # Text to image: a frozen text encoder's output conditions the UNet (text/encoders.py).
+    model.text_encoder = ""        # "" = no text | "minilm" (offline) | "clip" (converted weights)
+    model.text_weights = ""        # clip: the .npz of `python -m text.convert_clip`
+    model.text_max_length = 24     # tokens per caption; longer ones are cut, with a warning
+    model.text_conditioning = "cross_attention"  # "pooled" (added to the time embedding) |
+    #                                "cross_attention" (to the token states) | "both"
+    model.cross_attn_resolutions = ()  # heights with cross-attention after each block (and mid)
+    model.num_heads = 4            # cross-attention heads; must divide those levels' channels
     model.dtype = "float32"        # compute dtype: "float32" | "bfloat16" (params stay float32)
     model.remat = False            # rematerialise res blocks to save memory
 
@@ -82,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
     sample.clip_x0 = True
     sample.guidance_scale = 0.0      # classifier-free guidance w (0 = plain conditional)
     sample.labels = ""               # "" = one grid row per class; else a class or "3,1,4" (cycled)
+    sample.unconditional = False     # conditional models: sample with the null condition ∅
+    sample.prompt = ""               # text models: the prompt of every sample
+    sample.prompts = ""              # text models: a file, one prompt per line (a grid row each)
     sample.classifier_scale = 0.0    # classifier guidance s (0 = off); see --mode=train_classifier
     sample.classifier_workdir = ""   # "" = <workdir>/classifier
     sample.progress_every = 100      # steps per jitted chunk, with a progress line (0 = one chunk)
@@ -134,4 +145,5 @@ def get_config() -> ml_collections.ConfigDict:
     ev.kid_num_subsets = 100
     ev.kid_max_features = 10_000     # uniform subset of features kept for KID
     ev.is_splits = 10
+    ev.text_num_prompts = 450        # --mode=text_eval: held-out prompts (90 meanings x 5)
     return config

@@ -14,7 +14,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -23,18 +22,20 @@ import metric_logging
 import sampling_lib
 from diffusion.schedules import Schedule
 from evaluation import fid, likelihood, sample_quality
-from models import UNet
+from models import UNet, conditioning
 
 
-def bound_model_fn(model: UNet, condition: str) -> likelihood.ModelFn:
-    """The UNet as model_fn(params, x_t, t, labels); class-conditional models see the data label
-    (condition "label": the bound on −log p(x | y)) or the null label ("null": −log p(x))."""
+def bound_model_fn(model: UNet, condition: str, null: dict | None = None) -> likelihood.ModelFn:
+    """The UNet as model_fn(params, x_t, t, cond); conditional models see the data's condition
+    (condition "label": the bound on −log p(x | c)) or the null condition ∅ ("null": −log p(x)).
+    null: ∅ (`conditioning.null_cond`), default the null label."""
+    null = conditioning.null_cond(model.num_classes) if null is None else null
 
-    def model_fn(params, x_t, t, labels):
-        y = None
-        if model.num_classes:
-            y = labels if condition == "label" else jnp.full_like(labels, model.num_classes)
-        return model.apply({"params": params}, x_t, t, y, train=False)
+    def model_fn(params, x_t, t, cond):
+        cond = conditioning.select(cond, model.cond_fields)
+        if cond and condition == "null":
+            cond = conditioning.uncond_like(cond, null)
+        return model.apply({"params": params}, x_t, t, cond, train=False)
 
     return model_fn
 

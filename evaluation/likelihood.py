@@ -44,7 +44,8 @@ import metric_logging
 from diffusion import gaussian, losses
 from diffusion.schedules import Schedule
 
-# model_fn(params, x_t [B, H, W, C], t int32 [B], labels int32 [B]) -> network output
+# model_fn(params, x_t [B, H, W, C], t int32 [B], cond) -> network output; cond is the
+# conditioning pytree of models/conditioning.py, fields [B, ...] (e.g. {"label": int32 [B]}).
 ModelFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -57,16 +58,17 @@ class BoundEvaluator:
         self.num_traces = 0  # one per distinct number of timesteps per call
         data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
-        def terms(params, x0, labels, timesteps, positions, key):
-            # x0 [B, H, W, C] in [-1, 1], labels [B], timesteps [K, B] int32 (per example),
-            # positions [K] int32 (the noise of row k is keyed by positions[k]) -> [B, K], [B]
+        def terms(params, x0, cond, timesteps, positions, key):
+            # x0 [B, H, W, C] in [-1, 1], cond fields [B, ...], timesteps [K, B] int32 (per
+            # example), positions [K] int32 (the noise of row k is keyed by positions[k])
+            # -> [B, K], [B]
             self.num_traces += 1
             def one_row(_, row):
                 t, position = row
                 noise = jax.random.normal(jax.random.fold_in(key, position), x0.shape,
                                           jnp.float32)
                 x_t = gaussian.q_sample(schedule, x0, t, noise)
-                out = model_fn(params, x_t, t, labels)
+                out = model_fn(params, x_t, t, cond)
                 return None, losses.vlb_terms(schedule, out, x0, x_t, t,
                                               prediction=prediction, var_type=var_type)
 
@@ -79,12 +81,13 @@ class BoundEvaluator:
             out_shardings=(data, data), compiler_options=cpu_runtime.inference_compiler_options())
         self._data, self._rows = data, rows
 
-    def __call__(self, params, x0: np.ndarray, labels: np.ndarray, timesteps: np.ndarray,
+    def __call__(self, params, x0: np.ndarray, cond: dict, timesteps: np.ndarray,
                  key: jax.Array, positions: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
         """(terms [B, K], prior [B]) in bits/dim on the host, float64.
 
-        x0 [B, H, W, C] in [-1, 1]; timesteps [K] (shared by the batch) or [K, B] (per example);
+        x0 [B, H, W, C] in [-1, 1]; cond fields [B, ...]; timesteps [K] (shared by the batch) or
+        [K, B] (per example);
         the noise of row k is keyed by positions[k] (default: the timesteps, which must then be
         shared), so a timestep gets the same noise whatever chunk it is evaluated in.
         """
@@ -97,7 +100,7 @@ class BoundEvaluator:
                                     (len(timesteps), len(x0)))
         terms, prior = self._terms(
             params, jax.device_put(jnp.asarray(x0, jnp.float32), self._data),
-            jax.device_put(jnp.asarray(labels, jnp.int32), self._data),
+            jax.device_put({name: jnp.asarray(v) for name, v in cond.items()}, self._data),
             jax.device_put(jnp.asarray(timesteps), self._rows),
             jnp.asarray(positions, jnp.int32), key)
         return (np.asarray(jax.device_get(terms), np.float64),
@@ -151,15 +154,16 @@ class BoundResult:
 
 
 def dataset_batches(source: input_pipeline.Source, *, batch_size: int,
-                    num_examples: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(images [B, H, W, C] in [-1, 1], labels [B], mask [B]) over the first `num_examples`
-    (0 = all) examples in order; the last batch is padded by repeating example 0, mask False."""
+                    num_examples: int = 0) -> Iterator[tuple[np.ndarray, dict, np.ndarray]]:
+    """(images [B, H, W, C] in [-1, 1], cond {"label": [B]}, mask [B]) over the first
+    `num_examples` (0 = all) examples in order; the last batch is padded by repeating example 0,
+    mask False."""
     n = len(source) if num_examples <= 0 else min(num_examples, len(source))
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
         mask = idx < n
         images, labels = source.get(np.where(mask, idx, 0))
-        yield input_pipeline.preprocess(images, None), labels.astype(np.int32), mask
+        yield input_pipeline.preprocess(images, None), {"label": labels.astype(np.int32)}, mask
 
 
 def bound_on_dataset(evaluator: BoundEvaluator, params, batches: Iterable, *, num_batches: int,
@@ -183,7 +187,7 @@ def bound_on_dataset(evaluator: BoundEvaluator, params, batches: Iterable, *, nu
     progress = None  # "img/s" of its line: images denoised per second
     done = 0
     start_time = time.perf_counter()
-    for b, (x0, labels, mask) in enumerate(batches):
+    for b, (x0, cond, mask) in enumerate(batches):
         progress = progress or metric_logging.Progress(0, work, len(mask))
         batch_key = jax.random.fold_in(key, b)
         if estimate_timesteps:
@@ -199,7 +203,7 @@ def bound_on_dataset(evaluator: BoundEvaluator, params, batches: Iterable, *, nu
                 chunks.append((np.broadcast_to(ts[:, None], (chunk, len(mask))), weights, ts))
         per_example = np.zeros(len(mask))
         for ts_c, w_c, positions in chunks:
-            terms, prior = evaluator(params, x0, labels, ts_c, batch_key, positions)  # [B, K]
+            terms, prior = evaluator(params, x0, cond, ts_c, batch_key, positions)  # [B, K]
             terms = terms[mask]
             per_example[mask] += terms @ w_c
             used = w_c > 0

@@ -146,10 +146,11 @@ def sample_stats(net: FeatureNet, sampler: sampling_lib.Sampler, params, *, num_
     progress = metric_logging.Progress(0, num_batches, sampler.batch_size)
     for i, start in enumerate(range(0, num_samples, sampler.batch_size)):
         n = min(sampler.batch_size, num_samples - start)
-        labels = None
+        cond = None
         if num_classes:
-            labels = (np.arange(start, start + sampler.batch_size) % num_classes).astype(np.int32)
-        images = sampler(params, jax.random.fold_in(key, i), labels)[:n]
+            cond = {"label": (np.arange(start, start + sampler.batch_size)
+                              % num_classes).astype(np.int32)}
+        images = sampler(params, jax.random.fold_in(key, i), cond)[:n]
         acc.update(*net(metric_logging.to_uint8(images)))
         if log:
             log("samples " + progress.line(i + 1, {"images": start + n}, progress.update(i + 1)))

@@ -162,3 +162,47 @@ class Upsample(nn.Module):
         x = jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
         x = x[:, : out_hw[0], : out_hw[1], :]
         return x
+
+
+class CrossAttnBlock(nn.Module):
+    """Multi-head cross-attention from image positions to a text encoder's token states.
+
+        q = nin(norm(x))                      # [B, HW, C], C split into num_heads heads
+        k, v = Dense(C)(tokens)               # [B, L, C]: the learned projection of the text
+        w = softmax_l(q_i . k_l / sqrt(C / num_heads)), with padding (mask False) excluded
+        out = x + proj_out(w @ v)             # proj_out zero-initialised
+
+    as Stable Diffusion's and Imagen's UNets attend to their text. The keys and values see only
+    the frozen encoder's output, so the text side is a fixed input the UNet learns to read.
+    Logits and softmax are float32 whatever `dtype` is.
+
+    Attributes:
+      num_heads: attention heads; must divide the channel count.
+      num_groups: GroupNorm groups.
+      dtype: compute dtype.
+    """
+
+    num_heads: int
+    num_groups: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        """x [B, H, W, C], tokens [B, L, D], mask [B, L] bool -> [B, H, W, C]."""
+        b, hgt, wid, c = x.shape
+        heads = self.num_heads
+        if c % heads:
+            raise ValueError(f"CrossAttnBlock: num_heads={heads} does not divide {c} channels.")
+        h = group_norm(self.num_groups, self.dtype, "norm")(x)
+        q = nin(c, self.dtype, "q")(h).reshape(b, hgt * wid, heads, c // heads)
+        k = nin(c, self.dtype, "k")(tokens).reshape(b, -1, heads, c // heads)
+        v = nin(c, self.dtype, "v")(tokens).reshape(b, -1, heads, c // heads)
+        logits = jnp.einsum("bnhd,blhd->bhnl", q, k, preferred_element_type=jnp.float32)
+        logits = logits * (c // heads) ** -0.5
+        # A large finite value, not -inf: a row is never all padding (encoders keep their start
+        # and end tokens), but -inf would turn a mistake into NaN instead of a wrong number.
+        logits = jnp.where(mask.astype(bool)[:, None, None, :], logits, -1e30)
+        w = jax.nn.softmax(logits, axis=-1)
+        h = jnp.einsum("bhnl,blhd->bnhd", w.astype(v.dtype), v).reshape(b, hgt, wid, c)
+        h = nin(c, self.dtype, "proj_out", init_scale=0.0)(h)
+        return x.astype(self.dtype) + h

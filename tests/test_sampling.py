@@ -102,7 +102,7 @@ def nets():
     classifier = NoisyClassifier(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
                                  num_groups=4, num_classes=3)
     x, t, y = jnp.zeros((1, *SHAPE)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)
-    return model, _params(model, 0, x, t, y), classifier, _params(classifier, 1, x, t)
+    return model, _params(model, 0, x, t, {"label": y}), classifier, _params(classifier, 1, x, t)
 
 
 def _sampler(nets, num_devices: int, progress_every: int):
@@ -128,7 +128,7 @@ def test_sampler_is_deterministic_exact_in_chunks_and_traced_once(nets, sampler_
     _, params, _, classifier_params = nets
     labels = np.arange(BATCH) % 3
     run = lambda key, labels=labels, cp=classifier_params: sampler_8(
-        params, key, labels, classifier_params=cp)
+        params, key, {"label": labels}, classifier_params=cp)
     a = run(jax.random.key(0))
     assert a.shape == (BATCH, *SHAPE) and np.all(np.isfinite(a))
     np.testing.assert_array_equal(run(jax.random.key(0)), a)
@@ -143,15 +143,17 @@ def test_sampler_is_deterministic_exact_in_chunks_and_traced_once(nets, sampler_
     # The classifier's gradient reaches the sampler: another classifier, other images.
     other = _random_like(classifier_params, 2)
     assert np.max(np.abs(run(jax.random.key(0), cp=other) - a)) > 1e-3
-    sampler_8.compile(params, classifier_params)  # ahead-of-time compilation reuses the trace
+    # Ahead-of-time compilation for conditions of the same shape reuses the trace.
+    sampler_8.compile(params, classifier_params, {"label": labels})
     assert sampler_8.num_traces == 1
 
 
 def test_8_devices_equal_1_device(nets, sampler_8):
     _, params, _, classifier_params = nets
     labels = np.arange(BATCH) % 3
-    a8 = sampler_8(params, jax.random.key(0), labels, classifier_params=classifier_params)
-    a1 = _sampler(nets, 1, progress_every=0)(params, jax.random.key(0), labels,
+    a8 = sampler_8(params, jax.random.key(0), {"label": labels},
+                   classifier_params=classifier_params)
+    a1 = _sampler(nets, 1, progress_every=0)(params, jax.random.key(0), {"label": labels},
                                              classifier_params=classifier_params)
     np.testing.assert_allclose(a1, a8, atol=DEVICE_TOLERANCE, rtol=0)
 
@@ -161,12 +163,13 @@ class _LabelledStub(nn.Module):
     channels that both depend on the label y ∈ {0, .., num_classes} (num_classes = null)."""
 
     num_classes: int = 3
+    cond_fields = ("label",)
 
     @nn.compact
-    def __call__(self, x, t, y, *, train: bool):
+    def __call__(self, x, t, cond, *, train: bool):
         del train
         w = self.param("w", nn.initializers.normal(1.0), (self.num_classes + 1,))
-        w_y = w[y].reshape(-1, 1, 1, 1)
+        w_y = w[cond["label"]].reshape(-1, 1, 1, 1)
         return jnp.concatenate([w_y * x + t.reshape(-1, 1, 1, 1) / 100, w_y + x**2], axis=-1)
 
 
@@ -176,15 +179,16 @@ def test_guided_model_fn_is_one_batched_cfg_call():
     model = _LabelledStub()
     x = jax.random.normal(jax.random.key(0), (4, 2, 2, 1))
     t, y = jnp.asarray([0, 5, 20, 49]), jnp.asarray([0, 1, 2, 1])
-    params = model.init(jax.random.key(1), x, t, y, train=False)["params"]
-    apply = lambda labels: model.apply({"params": params}, x, t, labels, train=False)
-    guided = sampling_lib.guided_model_fn(model, params, y, 2.0)(x, t)
+    params = model.init(jax.random.key(1), x, t, {"label": y}, train=False)["params"]
+    apply = lambda labels: model.apply({"params": params}, x, t, {"label": labels}, train=False)
+    guided = sampling_lib.guided_model_fn(model, params, {"label": y}, 2.0)(x, t)
     cond, uncond = apply(y), apply(jnp.full_like(y, 3))
     np.testing.assert_allclose(guided[..., :1], 3 * cond[..., :1] - 2 * uncond[..., :1],
                                rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(guided[..., 1:], cond[..., 1:])
     assert np.max(np.abs(cond - uncond)) > 1e-2
-    np.testing.assert_array_equal(sampling_lib.guided_model_fn(model, params, y, 0.0)(x, t), cond)
+    np.testing.assert_array_equal(
+        sampling_lib.guided_model_fn(model, params, {"label": y}, 0.0)(x, t), cond)
 
 
 # --- labels and config ---------------------------------------------------------------------------

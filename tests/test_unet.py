@@ -224,7 +224,9 @@ def cond_setup():
     # The "rbg" key compiles init ~3x faster on CPU than threefry (one RngBitGenerator op per
     # parameter instead of an unrolled hash); the initialisers themselves do not depend on it.
     key = jax.random.key(0, impl="rbg")
-    init_params = jax.jit(lambda: model.init(key, x, t, y, cond, train=False))()["params"]
+    init_params = jax.jit(
+        lambda: model.init(key, x, t, {"label": y, "pooled": cond}, train=False)
+    )()["params"]
     params = _perturb(init_params)
     chex.clear_trace_counter()
 
@@ -232,12 +234,13 @@ def cond_setup():
     @jax.jit
     @chex.assert_max_traces(n=1)
     def apply_train(params, x, t, y, cond, rng):
-        return model.apply({"params": params}, x, t, y, cond, train=True, rngs={"dropout": rng})
+        return model.apply({"params": params}, x, t, {"label": y, "pooled": cond}, train=True,
+                           rngs={"dropout": rng})
 
     @jax.jit
     @chex.assert_max_traces(n=1)
     def apply_eval(params, x, t, y, cond):
-        return model.apply({"params": params}, x, t, y, cond, train=False)
+        return model.apply({"params": params}, x, t, {"label": y, "pooled": cond}, train=False)
 
     return dict(
         model=model,
@@ -305,7 +308,8 @@ def test_dropout_only_in_train(cond_setup):
 
     @jax.jit
     def eval_with_rng(params, x, t, y, cond, rng):
-        return model.apply({"params": params}, x, t, y, cond, train=False, rngs={"dropout": rng})
+        return model.apply({"params": params}, x, t, {"label": y, "pooled": cond}, train=False,
+                           rngs={"dropout": rng})
 
     eval_a = eval_with_rng(*args, jax.random.key(1))
     eval_b = eval_with_rng(*args, jax.random.key(2))
@@ -327,7 +331,7 @@ def test_labels_null_label_and_cond_change_output(cond_setup):
     assert float(jnp.max(jnp.abs(s["eval"](p, x, t, y, cond + 1.0) - base))) > 1e-3
     # None means: null label / zero conditioning vector.
     model = s["model"]
-    out_none = jax.jit(lambda p: model.apply({"params": p}, x, t, None, None, train=False))(p)
+    out_none = jax.jit(lambda p: model.apply({"params": p}, x, t, None, train=False))(p)
     expected = s["eval"](p, x, t, null, jnp.zeros_like(cond))
     np.testing.assert_allclose(out_none, expected, rtol=1e-5, atol=1e-5)
     # The output depends on t as well.
@@ -352,7 +356,9 @@ def test_bfloat16_close_to_float32(cond_setup):
     model_bf16 = s["model"].clone(dtype=jnp.bfloat16)
     args = (s["x"], s["t"], s["y"], s["cond"])
     out32 = s["eval"](s["params"], *args)
-    out16 = jax.jit(lambda p: model_bf16.apply({"params": p}, *args, train=False))(s["params"])
+    x, t, y, cond = args
+    out16 = jax.jit(lambda p: model_bf16.apply(
+        {"params": p}, x, t, {"label": y, "pooled": cond}, train=False))(s["params"])
     assert out16.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(out16)))
     rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
@@ -401,13 +407,17 @@ def test_bad_inputs_fail_loudly():
     model = UNet(**TINY)
     x, t = jnp.zeros((2, 16, 16, 3)), jnp.zeros((2,), jnp.int32)
     with pytest.raises(ValueError, match="num_classes=0"):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, jnp.zeros(2, int), train=False))
+        jax.eval_shape(
+            lambda: model.init(jax.random.key(0), x, t, {"label": jnp.zeros(2, int)}, train=False)
+        )
     with pytest.raises(ValueError, match="t must have shape"):
         jax.eval_shape(lambda: model.init(jax.random.key(0), x, t[:1], train=False))
     cmodel = UNet(cond_dim=COND_DIM, **TINY)
-    with pytest.raises(ValueError, match="cond must have shape"):
+    with pytest.raises(ValueError, match=r"cond\['pooled'\] must have shape"):
         jax.eval_shape(
-            lambda: cmodel.init(jax.random.key(0), x, t, None, jnp.zeros((2, 3)), train=False)
+            lambda: cmodel.init(
+                jax.random.key(0), x, t, {"pooled": jnp.zeros((2, 3))}, train=False
+            )
         )
 
 
