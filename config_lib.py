@@ -23,8 +23,7 @@ EVAL_CONDITIONS = ("label", "null")
 TEXT_ENCODERS = ("", "minilm", "clip")
 TEXT_CONDITIONINGS = ("pooled", "cross_attention", "both")
 CAPTIONS = ("", "digits")
-# (token state width D, pooled width Dp) of each encoder; clip's are read from its weights.
-_TEXT_WIDTHS = {"minilm": (384, 384)}
+
 FEATURE_NETS = ("inception_v3", "mnist_classifier")
 
 
@@ -237,9 +236,6 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
              f"model.text_encoder={m.text_encoder!r} needs captions, but data.captions='' "
              f"(data.name={data.name!r} has none configured). Fix: "
              f"--config.data.captions=digits with data.name=mnist_5k.")
-    _require(m.text_encoder != "clip" or bool(m.text_weights),
-             "model.text_encoder='clip' needs its converted weights. Fix: "
-             "--config.model.text_weights=PATH.npz (see README, Text encoders).")
     limit = 77 if m.text_encoder == "clip" else 512
     _require(2 <= m.text_max_length <= limit,
              f"model.text_max_length={m.text_max_length} must be in [2, {limit}] for "
@@ -264,9 +260,7 @@ def text_widths(config: ml_collections.ConfigDict) -> tuple[int, int]:
     m = config.model
     if not m.text_encoder:
         return 0, 0
-    if m.text_encoder in _TEXT_WIDTHS:
-        return _TEXT_WIDTHS[m.text_encoder]
-    from text import encoders  # reads the shapes from the weights file
+    from text import encoders  # clip's widths are read from its weights file
 
     return encoders.widths(m.text_encoder, m.text_weights)
 

@@ -43,7 +43,7 @@ def label_rows(image: np.ndarray, labels: list[str], *, row_height: int, pad: in
     h, w, c = image.shape
     canvas = Image.new("L", (width, h), 255)
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=max(10, min(row_height // 3, 18)))
     for i, text in enumerate(labels):
         y = pad + i * (row_height + pad) + row_height // 2
         draw.text((4, y), text if len(text) <= 40 else text[:39] + "…", fill=0, font=font,

@@ -237,15 +237,20 @@ def sampler_from_config(config: ml_collections.ConfigDict, model: UNet,
 class GridSampler:
     """Periodic sample grids during training: a few respaced ancestral steps, EMA params."""
 
-    def __init__(self, config, model: UNet, schedule, mesh, *, num_steps: int):
+    def __init__(self, config, model: UNet, schedule, mesh, *, num_steps: int, text=None,
+                 null: dict | None = None):
+        """text: the trainer's `text.captions.TextBatcher` (the grid shows the captions of n
+        training examples spread over the dataset); null: ∅ for guidance."""
         n = min(config.sample.num_samples, 64)
         n -= n % jax.device_count()
         n = max(n, jax.device_count())
         labels = grid_labels(n, model.num_classes)
-        self._cond = None if labels is None else {"label": labels}
+        self._cond = {} if labels is None else {"label": labels}
+        if text is not None:
+            self._cond.update(text.spread(n, seed=config.seed))
         self._ncols = grid_columns(n, model.num_classes)
         self._sampler = sampler_from_config(config, model, schedule, mesh, batch_size=n,
-                                            num_steps=num_steps, sampler="ancestral")
+                                            num_steps=num_steps, sampler="ancestral", null=null)
 
     def grid(self, params, seed: int) -> np.ndarray:
         images = self._sampler(params, jax.random.key(seed), self._cond)

@@ -34,6 +34,7 @@ import config_lib
 import input_pipeline
 import metric_logging
 import sampling_lib
+import text_conditioning
 from diffusion import gaussian, losses, schedules
 from evaluation.evaluator import PeriodicEvaluator
 from models import UNet, conditioning
@@ -193,28 +194,39 @@ class _Preemption:
 
 
 def global_batches(source, config, step: int, k: int, sharding: NamedSharding, *,
-                   batch_size: int, transform: Callable[[dict], Any] | None = None) -> Any:
+                   batch_size: int, transform: Callable[..., Any] | None = None) -> Any:
     """K consecutive global batches as global arrays [K, B, ...], this process's rows local.
 
-    transform: maps this process's batch of `input_pipeline.get_batch` (a dict of [n, ...]
-    arrays) to the pytree the update step takes, on the host (default: unchanged).
+    transform(batch, step=, indices=, rows=): maps this process's `rows` of the batch of
+    `input_pipeline.get_batch` (a dict of [n, ...] arrays) to the pytree the update step takes,
+    on the host; `indices` [B] are the dataset indices of the whole global batch at `step`.
     """
     b = batch_size
     rows = input_pipeline.process_rows(b, jax.process_index(), jax.process_count())
-    local = [input_pipeline.get_batch(source, seed=config.seed, step=step + i, batch_size=b,
-                                      random_flip=config.data.random_flip, rows=rows)
-             for i in range(k)]
-    if transform is not None:
-        local = [transform(x) for x in local]
+    local = []
+    for s in range(step, step + k):
+        x = input_pipeline.get_batch(source, seed=config.seed, step=s, batch_size=b,
+                                     random_flip=config.data.random_flip, rows=rows)
+        if transform is not None:
+            indices = input_pipeline.global_batch_indices(config.seed, s, b, len(source))
+            x = transform(x, step=s, indices=indices, rows=rows)
+        local.append(x)
     stacked = jax.tree.map(lambda *x: np.stack(x), *local)
     return jax.tree.map(lambda value: jax.make_array_from_process_local_data(
         sharding, value, (k, b, *value.shape[2:])), stacked)
 
 
-def diffusion_batch(model: UNet, batch: dict[str, np.ndarray]) -> dict:
-    """{"image", "cond"}: the image and the conditioning pytree of the fields the model reads."""
-    return {"image": batch["image"], "cond": {"label": batch["label"]} if model.num_classes
-            else {}}
+def diffusion_batch(model: UNet, text, batch: dict[str, np.ndarray], *, seed: int, step: int,
+                    indices: np.ndarray, rows: slice) -> dict:
+    """{"image", "cond"}: the image and the conditioning pytree of the fields the model reads.
+
+    text: a `text.captions.TextBatcher` giving the caption embeddings of the examples at
+    (seed, step), or None for a model without text.
+    """
+    cond = {"label": batch["label"]} if model.num_classes else {}
+    if text is not None:
+        cond.update(text(indices, seed=seed, step=step, rows=rows))
+    return {"image": batch["image"], "cond": cond}
 
 
 def check_finite(history: list[tuple[int, dict]]) -> None:
@@ -254,7 +266,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
 
-    init_fn = functools.partial(init_state, model, optimizer, image_shape=image_shape)
+    # Text models: the frozen encoder embeds every caption once (cached in the workdir); ∅ is
+    # the null label and/or the empty caption's encoding.
+    text = text_conditioning.training_batcher(config, source, model, workdir)
+    null = conditioning.null_cond(model.num_classes, text.null if text else None)
+    init_fn = functools.partial(init_state, model, optimizer, image_shape=image_shape,
+                                null=null)
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=tr.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -271,7 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     start_step = int(jax.device_get(state.step))
 
     def diffusion_loss(params, batch, key):
-        return loss_fn(params, model, schedule, args, batch, key)
+        return loss_fn(params, model, schedule, args, batch, key, null)
 
     update = jax.jit(
         functools.partial(train_steps, loss=diffusion_loss, optimizer=optimizer,
@@ -284,7 +301,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     sampler = None
     if tr.sample_every:
         sampler = sampling_lib.GridSampler(config, model, schedule, mesh,
-                                           num_steps=tr.sample_num_steps)
+                                           num_steps=tr.sample_num_steps, text=text, null=null)
     evaluator = None  # periodic bound estimate / small-sample FID (config.eval)
     if config.eval.bpd_every or config.eval.fid_every:
         evaluator = PeriodicEvaluator(config, model, schedule, mesh, workdir)
@@ -305,7 +322,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         while step < tr.num_steps:
             batches = global_batches(source, config, step, k, batch_sharding,
                                      batch_size=tr.batch_size,
-                                     transform=functools.partial(diffusion_batch, model))
+                                     transform=functools.partial(diffusion_batch, model, text,
+                                                                 seed=config.seed))
             state, metrics = update(state, batches)
             history.append((step, metrics))
             step += k
@@ -356,7 +374,8 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, *,
     replicated = NamedSharding(make_mesh(), P())
     image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     init_fn = functools.partial(init_state, model, create_optimizer(config),
-                                image_shape=image_shape)
+                                image_shape=image_shape,
+                                null=text_conditioning.shape_null(config, model))
     state, step = checkpointing.restore_latest(
         workdir, abstract_state(init_fn, jax.random.key(0, impl="rbg"), replicated),
         missing=lambda directory: (

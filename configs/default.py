@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_classes = 0          # 0 = unconditional; else labels 0..n-1 plus a null label n
     # Text to image: a frozen text encoder's output conditions the UNet (text/encoders.py).
     model.text_encoder = ""        # "" = no text | "minilm" (offline) | "clip" (converted weights)
-    model.text_weights = ""        # clip: the .npz of `python -m text.convert_clip`
+    model.text_weights = ""        # "" = the default files; clip: the .npz of text.convert_clip
     model.text_max_length = 24     # tokens per caption; longer ones are cut, with a warning
     model.text_conditioning = "cross_attention"  # "pooled" (added to the time embedding) |
     #                                "cross_attention" (to the token states) | "both"

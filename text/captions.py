@@ -52,7 +52,7 @@ class Embeddings:
 
 def _cache_key(encoder, texts: Sequence[str]) -> str:
     digest = hashlib.sha256()
-    for part in (encoder.name, str(encoder.max_length), encoder.fingerprint, *texts):
+    for part in (encoder.cache_key, *texts):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -62,8 +62,8 @@ def embed_texts(encoder, texts: Sequence[str], *, cache_dir: str | None = None,
                 log: Callable[[str], None] | None = None, batch_size: int = 256) -> Embeddings:
     """The encoder's outputs for `texts`, from `cache_dir` when they were computed before.
 
-    The cache file name holds a hash of the encoder's name, weights fingerprint and token
-    length and of the texts, so another encoder or another vocabulary never reads stale rows.
+    The cache file name holds a hash of the encoder's cache_key (name, weights digest, token
+    length) and of the texts, so another encoder or another vocabulary never reads stale rows.
     Written atomically (a temporary file renamed), so a run killed mid-write leaves no cache.
     """
     from text import encoders  # the encoders import jax and flax: only when embedding

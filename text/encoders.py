@@ -33,6 +33,7 @@ The modules behind it:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -144,6 +145,24 @@ ENCODERS: dict[str, Callable[[int | None, str], TextEncoder]] = {
     "minilm": _load_minilm,
     "clip": _load_clip,
 }
+
+
+def widths(name: str, weights: str = "") -> tuple[int, int]:
+    """(width D, pooled_width P) of encoder `name` without loading it: minilm's are fixed, clip's
+    are read from the config entry of its .npz (UserError when the file is missing)."""
+    if name == "minilm":
+        return minilm.WIDTH, minilm.WIDTH
+    if name == "clip":
+        path = os.path.expanduser(weights or clip.DEFAULT_WEIGHTS)
+        if not os.path.isfile(path):
+            raise UserError(clip.missing_weights_message(path))
+        with np.load(path, allow_pickle=False) as f:
+            config = json.loads(str(f["config"])) if "config" in f.files else {}
+        if "width" not in config or "projection_dim" not in config:
+            raise UserError(f"{path} was not written by text.convert_clip (no config entry). "
+                            f"Fix: python -m text.convert_clip model.safetensors {path}")
+        return int(config["width"]), int(config["projection_dim"])
+    raise UserError(f"text encoder {name!r} is unknown. Fix: use one of {sorted(ENCODERS)}")
 
 
 def load_encoder(name: str, *, max_length: int | None = None, weights: str = "") -> TextEncoder:
