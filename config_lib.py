@@ -10,17 +10,16 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
+from diffusion.gaussian import PREDICTIONS, VAR_TYPES
+from diffusion.losses import LOSS_TYPES, WEIGHTINGS, loss_options_problem
+from diffusion.samplers import SAMPLERS
+from diffusion.schedules import SCHEDULES
 from errors import UserError
+from evaluation import FEATURE_NETS
 
-SCHEDULES = ("linear", "cosine", "sigmoid")
-PREDICTIONS = ("eps", "x0", "v")
-VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
-LOSS_TYPES = ("simple", "hybrid", "vlb")
-WEIGHTINGS = ("none", "min_snr")
-SAMPLERS = ("ancestral", "ddim", "dpm_solver_pp_2m")
+# Legal values are defined once, in the lowest module that needs them, and imported here.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_CONDITIONS = ("label", "null")
-FEATURE_NETS = ("inception_v3", "mnist_classifier")
 
 
 class ConfigError(UserError, ValueError):
@@ -45,6 +44,12 @@ class DiffusionArgs:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _no_problem(problem: str | None) -> None:
+    """Raises the one-line problem a shared rule (diffusion/) found, if any."""
+    if problem:
+        raise ConfigError(problem)
 
 
 def _require_batch(value: int, field: str, num_devices: int) -> None:
@@ -98,15 +103,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _one_of(d.var_type, VAR_TYPES, "diffusion.var_type")
     _one_of(d.loss_type, LOSS_TYPES, "diffusion.loss_type")
     _one_of(d.weighting, WEIGHTINGS, "diffusion.weighting")
-    _require(d.loss_type != "hybrid" or d.var_type == "learned_range",
-             "diffusion.loss_type='hybrid' trains the variance, which needs "
-             "diffusion.var_type='learned_range'. Fix: set both, or use loss_type='simple'.")
-    _require(d.loss_type != "simple" or d.var_type != "learned_range",
-             "diffusion.var_type='learned_range' is only trained by the bound term. Fix: "
-             "diffusion.loss_type='hybrid' (iDDPM) or 'vlb', or a fixed var_type.")
-    _require(d.weighting != "min_snr" or d.loss_type != "vlb",
-             "diffusion.weighting='min_snr' re-weights the MSE term, which loss_type='vlb' has "
-             "not. Fix: diffusion.loss_type='simple' or 'hybrid', or weighting='none'.")
+    _no_problem(loss_options_problem(d.loss_type, d.var_type, d.weighting, "diffusion."))
     _require(d.schedule != "linear" or d.num_timesteps > 20,
              f"diffusion.schedule='linear' scales beta_end = 0.02 * 1000 / T, which reaches 1 "
              f"for diffusion.num_timesteps={d.num_timesteps}. Fix: T > 20 or schedule='cosine'.")
