@@ -10,10 +10,11 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
+from diffusion import samplers
 from diffusion.gaussian import PREDICTIONS, VAR_TYPES
 from diffusion.losses import LOSS_TYPES, WEIGHTINGS, loss_options_problem
 from diffusion.samplers import SAMPLERS
-from diffusion.schedules import SCHEDULES
+from diffusion.schedules import SCHEDULES, T_SPACINGS
 from errors import UserError
 from evaluation import FEATURE_NETS
 
@@ -134,6 +135,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
              "train.log_every and train.checkpoint_every must be positive.")
 
     _one_of(s.sampler, SAMPLERS, "sample.sampler")
+    _one_of(s.spacing, T_SPACINGS, "sample.spacing")
+    _no_problem(samplers.spacing_problem(s.sampler, s.spacing, "sample."))
     _require(0 <= s.num_steps <= d.num_timesteps,
              f"sample.num_steps={s.num_steps} must be in [0, diffusion.num_timesteps="
              f"{d.num_timesteps}] (0 = all steps).")
@@ -248,6 +251,18 @@ def classifier_kwargs(config: ml_collections.ConfigDict) -> dict:
         num_res_blocks=int(c.num_res_blocks),
         attn_resolutions=tuple(int(r) for r in c.attn_resolutions), dropout=float(c.dropout),
         num_groups=int(c.num_groups), num_classes=int(c.num_classes))
+
+
+def sampler_spec(config: ml_collections.ConfigDict, *, sampler: str | None = None,
+                 num_steps: int | None = None) -> samplers.SamplerSpec:
+    """Typed config.sample (with the network's diffusion.prediction and diffusion.var_type);
+    sampler and num_steps, when given, replace config.sample's (num_steps 0 = all T steps)."""
+    s, d = config.sample, config.diffusion
+    return samplers.SamplerSpec(
+        sampler=str(s.sampler if sampler is None else sampler),
+        num_steps=int(s.num_steps if num_steps is None else num_steps) or None,
+        spacing=str(s.spacing), eta=float(s.eta), prediction=str(d.prediction),
+        var_type=str(d.var_type), clip_x0=bool(s.clip_x0))
 
 
 def diffusion_args(config: ml_collections.ConfigDict) -> DiffusionArgs:

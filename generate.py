@@ -50,8 +50,9 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
                                                batch_size=s.batch_size, num_steps=s.num_steps,
                                                classifier=classifier)
     labels = sampling_lib.parse_labels(s.labels, s.num_samples, num_classes)
-    logging.info("Sampling %d images from step %d: %s, %d steps, guidance %g.", s.num_samples,
-                 step, s.sampler, sampler.num_steps, s.guidance_scale)
+    logging.info("Sampling %d images from step %d: %s, %d steps (%d network evaluations), "
+                 "guidance %g.", s.num_samples, step, s.sampler, sampler.num_steps,
+                 sampler.spec.model_evaluations(schedule.num_timesteps), s.guidance_scale)
     images = sampling_lib.sample_many(sampler, params, num_samples=s.num_samples, labels=labels,
                                       seed=s.seed, classifier_params=classifier_params)
     name = f"samples_step{step}_{s.sampler}{sampler.num_steps}_w{s.guidance_scale:g}"

@@ -298,3 +298,95 @@ def test_steps_trace_once_per_dtype_and_keep_the_input_dtype(schedule, fn):
             )
             assert x_prev.dtype == pred_x0.dtype == dtype
             assert np.all(np.isfinite(np.asarray(x_prev, np.float32)))
+
+
+# --- timestep spacing, Heun, the registry ---------------------------------------------------------
+
+def _model_timesteps(schedule, spec) -> list[int]:
+    """The original timesteps the network is fed, in call order, during one run of `spec`."""
+    seen = []
+
+    def model_fn(x_t, t):
+        jax.debug.callback(lambda t: seen.append(int(t[0])), t, ordered=True)
+        return 0.1 * x_t
+
+    jax.block_until_ready(jax.jit(lambda key: samplers.sample(
+        model_fn, schedule, (2, 3), key, spec, clip_x0=False))(jax.random.key(0)))
+    jax.effects_barrier()
+    return seen
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+@pytest.mark.parametrize("spacing", schedules.T_SPACINGS)
+def test_t_spaced_samplers_visit_their_spacings_timesteps(sampler, spacing):
+    """Each step feeds the network the next timestep of `space_timesteps(T, K, spacing)`, noisiest
+    first, K = spec.model_evaluations(T) calls in all."""
+    schedule = schedules.schedule_from_name("cosine", 100)
+    spec = samplers.SamplerSpec(sampler=sampler, num_steps=6, spacing=spacing)
+    ts = schedules.space_timesteps(100, 6, spacing)[::-1].tolist()
+    assert _model_timesteps(schedule, spec) == ts
+    assert spec.model_evaluations(100) == len(ts) == 6
+
+
+def test_ddim_with_trailing_spacing_is_the_exact_map_on_those_timesteps(schedule, betas):
+    """DDIM η = 0 on the 25 "trailing" timesteps (t = 999, 959, ..., 39: t = 0 is not among them, so
+    the last step denoises from t = 39): x_0 = gain · x_T + offset, composed in float64."""
+    ab = np.cumprod(1 - betas)
+    x_T = jax.random.normal(jax.random.key(0), (256, 4))
+    spec = samplers.SamplerSpec(sampler="ddim", num_steps=25, spacing="trailing", clip_x0=False)
+    x0 = jax.jit(lambda x_T: samplers.sample(oracle.make_eps_model(ab), schedule, x_T.shape,
+                                             jax.random.key(1), spec, x_T=x_T))(x_T)
+    steps = oracle.ddim_steps(ab[np.arange(39, 1000, 40)], eta=0.0)
+    offset = oracle.chain_moments(steps, mean=0.0, var=0.0)[0]
+    gain = oracle.chain_moments(steps, mean=1.0, var=0.0)[0] - offset
+    np.testing.assert_allclose(x0, gain * np.asarray(x_T, np.float64) + offset, atol=2e-4)
+
+
+def test_dpm_solver_keeps_its_own_spacing_and_says_so():
+    assert samplers.spacing_problem("dpm_solver_pp_2m", "linspace") is None
+    assert samplers.spacing_problem("ddim", "trailing") is None
+    with pytest.raises(ValueError, match=r"spacing='trailing' does not apply to "
+                       r"sampler='dpm_solver_pp_2m'.*'logsnr'.*Fix: leave spacing at its "
+                       r"default 'linspace'"):
+        samplers.SamplerSpec(sampler="dpm_solver_pp_2m", num_steps=10, spacing="trailing")
+    with pytest.raises(ValueError, match=r"unknown spacing 'uniform'"):
+        samplers.SamplerSpec(spacing="uniform")
+
+
+def _toy_step(ctx, state, i, key):
+    """A registered-in-the-test sampler: DDIM's step, plus a per-example count of its steps."""
+    state = samplers.SAMPLERS["ddim"].step(ctx, state, i, key)
+    return state._replace(extra=state.extra + 1)
+
+
+@pytest.fixture
+def toy_sampler():
+    samplers.register("toy_counting_ddim", init_extra=lambda x_T: jnp.zeros(x_T.shape[0],
+                                                                            jnp.int32))(_toy_step)
+    yield "toy_counting_ddim"
+    samplers.unregister("toy_counting_ddim")
+
+
+def test_a_registered_sampler_runs_with_its_own_state(toy_sampler):
+    """One `register` call makes a sampler: SAMPLERS lists it, SamplerSpec accepts it, the loop runs
+    its step and carries its own state (here a step count), in chunks as in one loop."""
+    assert toy_sampler in samplers.SAMPLERS
+    schedule = schedules.schedule_from_name("cosine", 50)
+    spec = samplers.SamplerSpec(sampler=toy_sampler, num_steps=7, eta=0.5)
+    x_T = jax.random.normal(jax.random.key(0), (4, 2, 2, 3))
+    run = jax.jit(lambda state, start, stop: samplers.sample_steps(
+        _toy_model_fn, schedule, state, jax.random.key(1), start, stop, spec))
+    state = samplers.init_state(x_T, spec)
+    np.testing.assert_array_equal(state.extra, [0, 0, 0, 0])
+    for start, stop in ((0, 3), (3, 7)):
+        state = run(state, start, stop)
+    np.testing.assert_array_equal(state.extra, [7, 7, 7, 7])
+    ddim = samplers.sample_steps(_toy_model_fn, schedule, samplers.init_state(x_T),
+                                 jax.random.key(1), 0, 7, spec, sampler="ddim")
+    np.testing.assert_allclose(state.x, ddim.x, atol=1e-6)
+    with pytest.raises(ValueError, match="already registered"):
+        samplers.register(toy_sampler)(_toy_step)
+
+
+def _toy_model_fn(x, t):
+    return jnp.tanh(x) + 0.01 * t.astype(jnp.float32).reshape(-1, 1, 1, 1)
