@@ -2,7 +2,7 @@
 
 Modules: `schedules` (β schedules, `Schedule`, respacing), `gaussian` (forward process,
 posterior, reverse-process parameters), `losses` (training losses, variational bound in bits/dim),
-`samplers` (the sampler registry with ancestral, DDIM and DPM-Solver++(2M) steps, the
+`samplers` (the sampler registry with ancestral, DDIM, DPM-Solver++(2M) and Heun steps, the
 `SamplerSpec`, the sampling loop), `guidance` (classifier-free and classifier guidance). Use them as
 `from diffusion import schedules, gaussian, losses, samplers`; the most used names are also
 re-exported here.
@@ -43,6 +43,7 @@ from diffusion.samplers import (
     SamplerState,
     ddim_step,
     dpm_solver_pp_2m_step,
+    heun_step,
     p_sample,
     register,
     sample,
@@ -85,6 +86,7 @@ __all__ = [
     "get_betas",
     "get_v",
     "guidance",
+    "heun_step",
     "losses",
     "make_schedule",
     "normal_kl",

@@ -21,6 +21,10 @@ The step functions, from respaced index i to i - 1 (x_t to x_{t-1}), each a shor
         D = (1 + 1/(2r)) x̂_0(x_s) - 1/(2r) x̂_0(previous step),   r = h_prev/h,
     with D = x̂_0(x_s) on the first step (no history; this is DDIM with η = 0). Its history is the
     previous step's x̂_0, which every step leaves in `SamplerState.pred_x0`.
+  * "heun" (`heun_step`): Heun's second-order step of the probability-flow ODE, Karras et al. 2022
+    (EDM) Algorithm 1 with S_churn = 0, in x̃ = x/√ᾱ and σ = √(1/ᾱ - 1) (there dx̃/dσ = ε̂; an Euler
+    step of it is DDIM with η = 0), Euler on the last step. Two network evaluations per step except
+    the last: a K-step run costs 2K - 1.
 The last step of every sampler, from the least noisy timestep to ᾱ_{-1} = 1, returns x̂_0 (for
 ancestral: μ_θ = x̂_0 there, no noise).
 
@@ -30,7 +34,7 @@ others correct ε̂ by -√(1 - ᾱ_t) cond_grad (Algorithm 2) and re-derive x̂
 
 Timesteps. With num_steps = K < T the loop walks the respaced diffusion on K of the T timesteps
 (ᾱ kept on those steps, guided-diffusion respacing) and feeds the model the ORIGINAL timesteps.
-Samplers that take spec.spacing (ancestral, ddim) pick their K uniformly in t by one of
+Samplers that take spec.spacing (ancestral, ddim, heun) pick their K uniformly in t by one of
 diffusers' rules (`schedules.space_timesteps`): "linspace" (the default: both ends kept),
 "leading" (the DDIM paper, diffusers' default) or "trailing" (keeps t = T-1). DPM-Solver++ always
 spaces uniformly in λ (`space_timesteps_logsnr`, Lu et al.'s "logSNR" choice for low-resolution
@@ -347,7 +351,7 @@ class SamplerSpec:
         return self.num_steps or num_timesteps
 
     def model_evaluations(self, num_timesteps: int) -> int:
-        """Network evaluations (NFE) of a run (K for one per step)."""
+        """Network evaluations (NFE) of a run: K for most samplers, 2K - 1 for "heun"."""
         return self.entry.model_evaluations(self.loop_length(num_timesteps))
 
 
@@ -421,6 +425,47 @@ def _dpm_solver_pp_2m(ctx: StepContext, state: SamplerState, i: jnp.ndarray, key
         ctx.schedule, out, state.x, ctx.t(i), state.pred_x0, prediction=s.prediction,
         clip_x0=s.clip_x0, cond_grad=cond_grad)
     return SamplerState(x_prev, pred_x0, state.extra)
+
+
+def _heun_evaluations(num_steps: int) -> int:
+    return 2 * num_steps - 1  # two per step, one on the last (Euler) step
+
+
+@register("heun", model_evaluations=_heun_evaluations)
+def heun_step(ctx: StepContext, state: SamplerState, i: jnp.ndarray, key: jax.Array):
+    """Heun's 2nd-order step of the probability-flow ODE from respaced index i to i - 1:
+    Karras et al. 2022 (EDM) Algorithm 1 (S_churn = 0), Euler on the last step (i = 0).
+
+    EDM's σ(t) = t, s(t) = 1 in the VP chain's own terms: x̃ = x/√ᾱ, σ = √(1/ᾱ - 1), so
+    x̃ = x_0 + σ ε and the ODE is dx̃/dσ = (x̃ - D(x̃; σ))/σ = ε̂ (EDM eqs. 1 and 3, D = x̂_0).
+    With σ_{-1} = 0 (ᾱ_{-1} = 1) and EDM's lines:
+        4: d_i = ε̂(x_i, t_i)
+        5: x̃' = x̃_i + (σ_{i-1} - σ_i) d_i                  (Euler)
+        6: if σ_{i-1} ≠ 0:
+        7:     d' = ε̂(x', t_{i-1})
+        8:     x̃_{i-1} = x̃_i + (σ_{i-1} - σ_i) (d_i + d')/2  (trapezoid)
+    Back in x = √ᾱ x̃: x' = √ᾱ_{i-1} x̂_0 + √(1 - ᾱ_{i-1}) ε̂ (DDIM with η = 0; x̂_0 at i = 0) and
+        x_{i-1} = x' + ½ √ᾱ_{i-1} (σ_{i-1} - σ_i) (d' - d_i).
+    Classifier guidance corrects ε̂ at both evaluations. pred_x0 is x̂_0 at (x_i, t_i).
+    """
+    del key
+    s, x, t = ctx.schedule, state.x, ctx.t(i)
+    pred_x0, eps = ctx.x0_and_eps(x, i)  # line 4: d_i = ε̂
+    not_last = _noise_mask(t, x.ndim)
+    sqrt_ab_prev = jnp.sqrt(extract(s.alphas_cumprod_prev, t, x.shape))  # √ᾱ_{i-1}, 1 at i = 0
+    # √(1 - ᾱ_{i-1}) = √ᾱ_{i-1} σ_{i-1} from the float64-built table; 0 at i = 0.
+    sqrt_one_minus_prev = not_last * extract(
+        s.sqrt_one_minus_alphas_cumprod, jnp.maximum(t - 1, 0), x.shape)
+    x_euler = sqrt_ab_prev * pred_x0 + sqrt_one_minus_prev * eps  # line 5
+    # √ᾱ_{i-1} (σ_{i-1} - σ_i), with σ_i = √(1/ᾱ_i - 1) from the float64-built table.
+    step = sqrt_one_minus_prev - sqrt_ab_prev * extract(s.sqrt_recipm1_alphas_cumprod, t, x.shape)
+
+    def trapezoid(x_euler: jnp.ndarray) -> jnp.ndarray:
+        _, eps_next = ctx.x0_and_eps(x_euler.astype(x.dtype), i - 1)  # line 7: d'
+        return x_euler + 0.5 * step * (eps_next - eps)  # line 8
+
+    x_prev = jax.lax.cond(i > 0, trapezoid, lambda x_euler: x_euler, x_euler)  # line 6
+    return SamplerState(x_prev.astype(x.dtype), pred_x0.astype(x.dtype), state.extra)
 
 
 # --- the loop ------------------------------------------------------------------------------------

@@ -389,3 +389,12 @@ def test_a_sampler_registered_in_one_place_is_reachable_from_the_cli(trained_wor
     config.sample.sampler = "ddim"
     ddim = generate.generate(config, str(trained_workdir))
     np.testing.assert_array_equal(np.load(paths["npz"])["images"], np.load(ddim["npz"])["images"])
+
+
+def test_heun_from_the_cli(trained_workdir):
+    """main.py --mode=sample --config.sample.sampler=heun on the tiny config (trailing spacing):
+    5 steps, 9 network evaluations."""
+    log = _cli(trained_workdir, "sample", "--config.sample.sampler=heun",
+               "--config.sample.spacing=trailing")
+    assert "heun, 5 steps (9 network evaluations)" in log
+    assert (trained_workdir / "samples_step1_heun5_w0.png").exists()
