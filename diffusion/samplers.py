@@ -360,7 +360,7 @@ def as_spec(spec: SamplerSpec | None = None, **fields: Any) -> SamplerSpec:
     return dataclasses.replace(spec or SamplerSpec(), **fields)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class StepContext:
     """What a step function sees besides the state: the chain it walks, the spec, the network."""
 
