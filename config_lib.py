@@ -10,21 +10,20 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
+from diffusion import samplers
+from diffusion.gaussian import PREDICTIONS, VAR_TYPES
+from diffusion.losses import LOSS_TYPES, WEIGHTINGS, loss_options_problem
+from diffusion.samplers import SAMPLERS
+from diffusion.schedules import SCHEDULES, T_SPACINGS
 from errors import UserError
+from evaluation import FEATURE_NETS
 
-SCHEDULES = ("linear", "cosine", "sigmoid")
-PREDICTIONS = ("eps", "x0", "v")
-VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
-LOSS_TYPES = ("simple", "hybrid", "vlb")
-WEIGHTINGS = ("none", "min_snr")
-SAMPLERS = ("ancestral", "ddim", "dpm_solver_pp_2m")
+# Legal values are defined once, in the lowest module that needs them, and imported here.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_CONDITIONS = ("label", "null")
 TEXT_ENCODERS = ("", "minilm", "clip")
 TEXT_CONDITIONINGS = ("pooled", "cross_attention", "both")
 CAPTIONS = ("", "digits")
-
-FEATURE_NETS = ("inception_v3", "mnist_classifier")
 
 
 class ConfigError(UserError, ValueError):
@@ -49,6 +48,12 @@ class DiffusionArgs:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _no_problem(problem: str | None) -> None:
+    """Raises the one-line problem a shared rule (diffusion/) found, if any."""
+    if problem:
+        raise ConfigError(problem)
 
 
 def _require_batch(value: int, field: str, num_devices: int) -> None:
@@ -102,15 +107,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _one_of(d.var_type, VAR_TYPES, "diffusion.var_type")
     _one_of(d.loss_type, LOSS_TYPES, "diffusion.loss_type")
     _one_of(d.weighting, WEIGHTINGS, "diffusion.weighting")
-    _require(d.loss_type != "hybrid" or d.var_type == "learned_range",
-             "diffusion.loss_type='hybrid' trains the variance, which needs "
-             "diffusion.var_type='learned_range'. Fix: set both, or use loss_type='simple'.")
-    _require(d.loss_type != "simple" or d.var_type != "learned_range",
-             "diffusion.var_type='learned_range' is only trained by the bound term. Fix: "
-             "diffusion.loss_type='hybrid' (iDDPM) or 'vlb', or a fixed var_type.")
-    _require(d.weighting != "min_snr" or d.loss_type != "vlb",
-             "diffusion.weighting='min_snr' re-weights the MSE term, which loss_type='vlb' has "
-             "not. Fix: diffusion.loss_type='simple' or 'hybrid', or weighting='none'.")
+    _no_problem(loss_options_problem(d.loss_type, d.var_type, d.weighting, "diffusion."))
     _require(d.schedule != "linear" or d.num_timesteps > 20,
              f"diffusion.schedule='linear' scales beta_end = 0.02 * 1000 / T, which reaches 1 "
              f"for diffusion.num_timesteps={d.num_timesteps}. Fix: T > 20 or schedule='cosine'.")
@@ -143,6 +140,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
              "train.log_every and train.checkpoint_every must be positive.")
 
     _one_of(s.sampler, SAMPLERS, "sample.sampler")
+    _one_of(s.spacing, T_SPACINGS, "sample.spacing")
+    _no_problem(samplers.spacing_problem(s.sampler, s.spacing, "sample."))
     _require(0 <= s.num_steps <= d.num_timesteps,
              f"sample.num_steps={s.num_steps} must be in [0, diffusion.num_timesteps="
              f"{d.num_timesteps}] (0 = all steps).")
@@ -326,6 +325,18 @@ def classifier_kwargs(config: ml_collections.ConfigDict) -> dict:
         num_res_blocks=int(c.num_res_blocks),
         attn_resolutions=tuple(int(r) for r in c.attn_resolutions), dropout=float(c.dropout),
         num_groups=int(c.num_groups), num_classes=int(c.num_classes))
+
+
+def sampler_spec(config: ml_collections.ConfigDict, *, sampler: str | None = None,
+                 num_steps: int | None = None) -> samplers.SamplerSpec:
+    """Typed config.sample (with the network's diffusion.prediction and diffusion.var_type);
+    sampler and num_steps, when given, replace config.sample's (num_steps 0 = all T steps)."""
+    s, d = config.sample, config.diffusion
+    return samplers.SamplerSpec(
+        sampler=str(s.sampler if sampler is None else sampler),
+        num_steps=int(s.num_steps if num_steps is None else num_steps) or None,
+        spacing=str(s.spacing), eta=float(s.eta), prediction=str(d.prediction),
+        var_type=str(d.var_type), clip_x0=bool(s.clip_x0))
 
 
 def diffusion_args(config: ml_collections.ConfigDict) -> DiffusionArgs:

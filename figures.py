@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
+import config_lib
 import cpu_runtime
 import input_pipeline
 import metric_logging
@@ -194,28 +195,27 @@ def isotropy_figure(path: str, images: np.ndarray | None = None, *, schedule_nam
 # --- 4. the reverse chain ------------------------------------------------------------------------
 
 def reverse_chain(model_fn: samplers.ModelFn, schedule: schedules.Schedule,
-                  shape: tuple[int, ...], key: jax.Array, *, sampler: str, num_steps: int,
-                  num_snapshots: int = 10, prediction: str = "eps",
-                  var_type: str = "fixed_large", eta: float = 0.0,
-                  clip_x0: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  shape: tuple[int, ...], key: jax.Array,
+                  spec: samplers.SamplerSpec | None = None, *, num_snapshots: int = 10,
+                  **spec_fields) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(t [S], x_t [S, B, ...], x̂_0 [S, B, ...]) at S = num_snapshots iterations of one run.
 
-    The run is that of samplers.sample(model_fn, schedule, shape, key, ...): the same x_T and
+    The run is that of samplers.sample(model_fn, schedule, shape, key, spec): the same x_T and
     step keys, its loop (samplers.sample_steps, a fori_loop) jitted once with traced bounds and
     run in chunks that stop only to read the state. Snapshot s is the input x_t of loop iteration
     j_s (j_0 = 0 is x_T, the last is the final step) and the x̂_0 predicted there; t is the
-    original timestep of that iteration, from the sampler's own respacing.
+    original timestep of that iteration, from the sampler's own respacing. spec_fields: as in
+    samplers.as_spec.
     """
-    num = num_steps or schedule.num_timesteps
-    timestep_map = np.asarray(samplers.respaced_for(schedule, num, sampler)[1])
+    spec = samplers.as_spec(spec, **spec_fields)
+    num = spec.loop_length(schedule.num_timesteps)
+    timestep_map = np.asarray(samplers.respaced_for(schedule, spec)[1])
     init_key, loop_key = jax.random.split(key)  # as samplers.sample splits it
-    state = samplers.init_state(jax.random.normal(init_key, shape, jnp.float32))
+    state = samplers.init_state(jax.random.normal(init_key, shape, jnp.float32), spec)
 
     @functools.partial(jax.jit, compiler_options=cpu_runtime.inference_compiler_options())
     def run(state, start, stop):
-        return samplers.sample_steps(model_fn, schedule, state, loop_key, start, stop,
-                                     sampler=sampler, num_steps=num, eta=eta,
-                                     prediction=prediction, var_type=var_type, clip_x0=clip_x0)
+        return samplers.sample_steps(model_fn, schedule, state, loop_key, start, stop, spec)
 
     iterations = np.unique(np.round(np.linspace(0, num - 1, num_snapshots)).astype(int))
     xs, x0s, done = [], [], 0
@@ -271,11 +271,9 @@ def reverse_chain_figure(path: str, config: ml_collections.ConfigDict, workdir: 
     runs = [("ancestral", min(ancestral_steps, T)), ("ddim", min(ddim_steps, T))]
     fig, axes = _figure(size_px, 4, num_snapshots)
     for r, (sampler, num_steps) in enumerate(runs):
-        ts, xs, x0s = reverse_chain(model_fn, schedule, shape, key, sampler=sampler,
-                                    num_steps=num_steps, num_snapshots=num_snapshots,
-                                    prediction=config.diffusion.prediction,
-                                    var_type=config.diffusion.var_type, eta=config.sample.eta,
-                                    clip_x0=config.sample.clip_x0)
+        spec = config_lib.sampler_spec(config, sampler=sampler, num_steps=num_steps)
+        ts, xs, x0s = reverse_chain(model_fn, schedule, shape, key, spec,
+                                    num_snapshots=num_snapshots)
         for col in range(num_snapshots):
             for k, (name, images) in enumerate((("x_t", xs), ("x̂_0", x0s))):
                 ax = axes[2 * r + k, col]

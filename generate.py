@@ -78,8 +78,9 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     sampler = sampling_lib.sampler_from_config(config, model, schedule, mesh,
                                                batch_size=s.batch_size, num_steps=s.num_steps,
                                                classifier=classifier, null=null)
-    logging.info("Sampling %d images from step %d: %s, %d steps, guidance %g%s.", s.num_samples,
-                 step, s.sampler, sampler.num_steps, s.guidance_scale,
+    logging.info("Sampling %d images from step %d: %s, %d steps (%d network evaluations), "
+                 "guidance %g%s.", s.num_samples, step, s.sampler, sampler.num_steps,
+                 sampler.spec.model_evaluations(schedule.num_timesteps), s.guidance_scale,
                  ", unconditional (∅)" if s.unconditional else "")
     images = sampling_lib.sample_many(sampler, params, num_samples=s.num_samples,
                                       cond=cond or None, seed=s.seed,

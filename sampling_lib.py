@@ -27,6 +27,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import config_lib
 import cpu_runtime
 import metric_logging
 from diffusion import guidance, samplers, schedules
@@ -106,14 +107,16 @@ class Sampler:
     """
 
     def __init__(self, model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
-                 image_shape: tuple[int, int, int], batch_size: int, sampler: str,
-                 num_steps: int, eta: float, clip_x0: bool, guidance_scale: float,
-                 prediction: str, var_type: str, classifier: NoisyClassifier | None = None,
-                 classifier_scale: float = 0.0, progress_every: int = 0, null: dict | None = None):
+                 image_shape: tuple[int, int, int], batch_size: int, guidance_scale: float,
+                 spec: samplers.SamplerSpec | None = None,
+                 classifier: NoisyClassifier | None = None, classifier_scale: float = 0.0,
+                 progress_every: int = 0, null: dict | None = None, **spec_fields):
+        """spec (or its fields as keywords, `samplers.as_spec`): how to sample."""
         self.model = model
+        self.spec = spec = samplers.as_spec(spec, **spec_fields)
         self.batch_size = batch_size
         self.image_shape = image_shape
-        self.num_steps = num_steps or schedule.num_timesteps  # K, loop iterations per batch
+        self.num_steps = spec.loop_length(schedule.num_timesteps)  # K, loop iterations per batch
         self.progress_every = progress_every or self.num_steps
         self.num_traces = 0
         self._data = NamedSharding(mesh, P("data"))
@@ -127,10 +130,8 @@ class Sampler:
             if use_classifier:
                 cond_fn = classifier_cond_fn(classifier, classifier_params, cond["label"],
                                              classifier_scale)
-            return samplers.sample_steps(
-                model_fn, schedule, state, key, start, stop, sampler=sampler,
-                num_steps=num_steps or None, eta=eta, prediction=prediction, var_type=var_type,
-                clip_x0=clip_x0, cond_fn=cond_fn)
+            return samplers.sample_steps(model_fn, schedule, state, key, start, stop, spec,
+                                         cond_fn=cond_fn)
 
         rep, data = self._replicated, self._data
         # Forward passes only, unless the classifier's gradient is taken: that one runs 16%
@@ -143,7 +144,7 @@ class Sampler:
         """(params, classifier_params, state, cond, loop key), placed as the chunk wants them."""
         k_init, k_loop = jax.random.split(key)  # as samplers.sample splits it
         x_T = jax.random.normal(k_init, (self.batch_size, *self.image_shape), jnp.float32)
-        state = jax.device_put(samplers.init_state(x_T), self._data)
+        state = jax.device_put(samplers.init_state(x_T, self.spec), self._data)
         cond = jax.device_put({name: jnp.asarray(v) for name, v in (cond or {}).items()},
                               self._data)
         params, classifier_params = jax.device_put((params, classifier_params), self._replicated)
@@ -226,10 +227,9 @@ def sampler_from_config(config: ml_collections.ConfigDict, model: UNet,
     return Sampler(
         model, schedule, mesh,
         image_shape=(config.data.image_size, config.data.image_size, config.data.num_channels),
-        batch_size=batch_size, sampler=sampler or s.sampler, num_steps=num_steps, eta=s.eta,
-        clip_x0=s.clip_x0,
+        batch_size=batch_size,
+        spec=config_lib.sampler_spec(config, sampler=sampler, num_steps=num_steps),
         guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
-        prediction=config.diffusion.prediction, var_type=config.diffusion.var_type,
         classifier=classifier, classifier_scale=s.classifier_scale,
         progress_every=s.progress_every, null=null)
 

@@ -2,8 +2,8 @@
 
 Modules: `schedules` (β schedules, `Schedule`, respacing), `gaussian` (forward process,
 posterior, reverse-process parameters), `losses` (training losses, variational bound in bits/dim),
-`samplers` (ancestral, DDIM and DPM-Solver++(2M) steps, the sampling loop), `guidance`
-(classifier-free and classifier guidance). Use them as
+`samplers` (the sampler registry with ancestral, DDIM, DPM-Solver++(2M) and Heun steps, the
+`SamplerSpec`, the sampling loop), `guidance` (classifier-free and classifier guidance). Use them as
 `from diffusion import schedules, gaussian, losses, samplers`; the most used names are also
 re-exported here.
 """
@@ -38,16 +38,21 @@ from diffusion.losses import (
 )
 from diffusion.samplers import (
     SAMPLERS,
+    SamplerEntry,
+    SamplerSpec,
     SamplerState,
     ddim_step,
     dpm_solver_pp_2m_step,
+    heun_step,
     p_sample,
+    register,
     sample,
     sample_steps,
 )
 from diffusion.schedules import (
     SCHEDULES,
     SPACINGS,
+    T_SPACINGS,
     Schedule,
     get_betas,
     make_schedule,
@@ -64,9 +69,12 @@ __all__ = [
     "SAMPLERS",
     "SCHEDULES",
     "SPACINGS",
+    "T_SPACINGS",
     "VAR_TYPES",
     "WEIGHTINGS",
     "PMeanVar",
+    "SamplerEntry",
+    "SamplerSpec",
     "SamplerState",
     "Schedule",
     "approx_standard_normal_cdf",
@@ -78,6 +86,7 @@ __all__ = [
     "get_betas",
     "get_v",
     "guidance",
+    "heun_step",
     "losses",
     "make_schedule",
     "normal_kl",
@@ -92,6 +101,7 @@ __all__ = [
     "q_mean_variance",
     "q_posterior_mean_variance",
     "q_sample",
+    "register",
     "respace_betas",
     "respace_schedule",
     "sample",

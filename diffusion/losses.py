@@ -29,6 +29,29 @@ LOSS_TYPES = ("simple", "hybrid", "vlb")
 WEIGHTINGS = ("none", "min_snr")
 
 
+def loss_options_problem(
+    loss_type: str, var_type: str, weighting: str, prefix: str = ""
+) -> str | None:
+    """Why (loss_type, var_type, weighting) cannot train, one line with the fix; None if they can.
+
+    The rules of `training_losses`, also checked by config_lib.validate before anything compiles
+    (with prefix "diffusion." naming the config fields).
+    """
+    p = prefix
+    if loss_type == "hybrid" and var_type != "learned_range":
+        return (f"{p}loss_type='hybrid' trains only the variance through the bound, so it needs "
+                f"{p}var_type='learned_range' (got {var_type!r}). Fix: set both, or use "
+                f"{p}loss_type='simple'.")
+    if loss_type == "simple" and var_type == "learned_range":
+        return (f"{p}var_type='learned_range' is only trained by the bound term (the simple loss "
+                f"leaves the variance channels untrained), so it needs loss_type 'hybrid' or "
+                f"'vlb'. Fix: {p}loss_type='hybrid' (iDDPM) or 'vlb', or a fixed {p}var_type.")
+    if loss_type == "vlb" and weighting != "none":
+        return (f"{p}weighting={weighting!r} re-weights the MSE term, which {p}loss_type='vlb' "
+                f"does not have. Fix: {p}loss_type='simple' or 'hybrid', or {p}weighting='none'.")
+    return None
+
+
 def _f32(x: jnp.ndarray | float) -> jnp.ndarray:
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -191,21 +214,10 @@ def training_losses(
     check_choice("var_type", var_type, VAR_TYPES)
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("weighting", weighting, WEIGHTINGS)
+    problem = loss_options_problem(loss_type, var_type, weighting)
+    if problem:
+        raise ValueError(problem)
     learned = var_type == "learned_range"
-    if loss_type == "hybrid" and not learned:
-        raise ValueError(
-            "loss_type='hybrid' trains only the variance through the bound; it needs "
-            f"var_type='learned_range', got var_type={var_type!r} (use loss_type='simple')"
-        )
-    if loss_type == "simple" and learned:
-        raise ValueError(
-            "var_type='learned_range' needs loss_type 'hybrid' or 'vlb': the simple loss "
-            "leaves the variance channels untrained"
-        )
-    if loss_type == "vlb" and weighting != "none":
-        raise ValueError(
-            f"weighting={weighting!r} applies to the MSE term, which loss_type='vlb' does not have"
-        )
     channels = x0.shape[-1]
     want = 2 * channels if learned else channels
     if model_output.shape[-1] != want:

@@ -24,7 +24,11 @@ import numpy as np
 from flax import struct
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
-SPACINGS = ("uniform", "logsnr")  # how `respace_schedule` picks its K timesteps
+# How `respace_schedule` picks K of the T timesteps: uniform in t by one of diffusers'
+# `timestep_spacing` rules (`space_timesteps`), or uniform in λ = log(α/σ) ("logsnr",
+# `space_timesteps_logsnr`).
+T_SPACINGS = ("linspace", "leading", "trailing")
+SPACINGS = (*T_SPACINGS, "logsnr")
 
 _MAX_BETA = 0.999  # Nichol & Dhariwal clip: avoids the singularity β = 1 at the end of cosine.
 
@@ -181,17 +185,36 @@ def schedule_from_name(name: str, num_timesteps: int, dtype: jnp.dtype = jnp.flo
     return make_schedule(get_betas(name, num_timesteps), dtype)
 
 
-def space_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """`num_steps` evenly spaced timesteps of 0..T-1, sorted, always including 0 and T-1.
-
-    t_i = round(i (T-1)/(K-1)), i = 0..K-1; the spacing is >= 1 for K <= T so they are distinct.
-    Returns int64 [K].
-    """
+def _check_num_steps(num_timesteps: int, num_steps: int) -> None:
     if not 2 <= num_steps <= num_timesteps:
         raise ValueError(
             f"num_steps must be in [2, num_timesteps={num_timesteps}], got {num_steps!r}"
         )
-    return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
+
+
+def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspace") -> np.ndarray:
+    """`num_steps` distinct timesteps K of 0..T-1, uniform in t, sorted ascending. int64 [K].
+
+    spacing ∈ T_SPACINGS, the rules of diffusers' `DDIMScheduler.set_timesteps` (its
+    `timestep_spacing` with steps_offset = 0; diffusers lists them descending), compared in
+    Lin et al. 2023 ("Common diffusion noise schedules and sample steps are flawed"), Table 2:
+      "linspace": t_i = round(i (T-1)/(K-1)): keeps both 0 and T-1 (guided-diffusion's respacing);
+      "leading":  t_i = i ⌊T/K⌋: keeps 0 but not T-1 (the DDIM paper; diffusers' default);
+      "trailing": t_i = round(T - i T/K) - 1: keeps T-1 but not 0; its lowest is round(T/K) - 1.
+    Consecutive t differ by >= 1 for K <= T, so the K are distinct in every rule.
+    """
+    if spacing not in T_SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {T_SPACINGS}")
+    _check_num_steps(num_timesteps, num_steps)
+    if spacing == "linspace":
+        return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
+    if spacing == "leading":
+        return np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps)
+    # diffusers' own expression (a float-step arange), so that ties round as there (half to even).
+    # Where the arange's float length is K + 1 (e.g. T = 50, K = 29) its extra point is timestep
+    # -1; [:K] drops it.
+    trailing = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps))[:num_steps]
+    return (trailing.astype(np.int64) - 1)[::-1].copy()
 
 
 def space_timesteps_logsnr(alphas_cumprod: np.ndarray, num_steps: int) -> np.ndarray:
@@ -204,10 +227,7 @@ def space_timesteps_logsnr(alphas_cumprod: np.ndarray, num_steps: int) -> np.nda
     """
     ab = np.asarray(alphas_cumprod, np.float64)
     num_timesteps = ab.shape[0]
-    if not 2 <= num_steps <= num_timesteps:
-        raise ValueError(
-            f"num_steps must be in [2, num_timesteps={num_timesteps}], got {num_steps!r}"
-        )
+    _check_num_steps(num_timesteps, num_steps)
     neg_lam = -0.5 * (np.log(ab) - np.log1p(-ab))  # increasing in t
     grid = np.linspace(neg_lam[0], neg_lam[-1], num_steps)
     right = np.clip(np.searchsorted(neg_lam, grid), 1, num_timesteps - 1)
@@ -245,11 +265,11 @@ def respace_betas(
 
 
 def respace_schedule(
-    schedule: Schedule, num_steps: int, spacing: str = "uniform"
+    schedule: Schedule, num_steps: int, spacing: str = "linspace"
 ) -> tuple[Schedule, np.ndarray]:
     """The respaced `Schedule` with `num_steps` steps and its int32 timestep_map [K].
 
-    spacing ∈ SPACINGS: "uniform" in t (`space_timesteps`, guided-diffusion) or "logsnr", uniform
+    spacing ∈ SPACINGS: one of T_SPACINGS, uniform in t (`space_timesteps`), or "logsnr", uniform
     in λ (`space_timesteps_logsnr`). Host-side: the schedule must be concrete (not a tracer).
     Built from the schedule's own betas (read back and promoted to float64), keeping its dtype.
     """
@@ -264,9 +284,9 @@ def respace_schedule(
             "jitted function) instead of passing it, or respace outside jit with "
             "respace_schedule."
         ) from e
-    if spacing == "uniform":
-        use = space_timesteps(schedule.num_timesteps, num_steps)
-    else:
+    if spacing == "logsnr":
         use = space_timesteps_logsnr(np.cumprod(1.0 - betas), num_steps)
+    else:
+        use = space_timesteps(schedule.num_timesteps, num_steps, spacing)
     new_betas, timestep_map = respace_betas(betas, use)
     return make_schedule(new_betas, schedule.betas.dtype), timestep_map

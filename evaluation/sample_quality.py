@@ -33,9 +33,8 @@ from jax.sharding import PartitionSpec as P
 import input_pipeline
 import metric_logging
 import sampling_lib
-from evaluation import fid, inception, mnist_classifier
+from evaluation import FEATURE_NETS, fid, inception, mnist_classifier
 
-FEATURE_NETS = ("inception_v3", "mnist_classifier")
 MNIST_NOTE = ("MNIST-FID/KID/IS use the features of the project's MNIST classifier "
               "(evaluation/mnist_classifier.py); not comparable with published Inception FID.")
 

@@ -159,6 +159,52 @@ def ddim_steps(
     return steps
 
 
+def _denoiser(sigma: float, mu: float, s2: float) -> tuple[float, float]:
+    """(k, m) of the exact denoiser D(x̃; σ) = E[x_0 | x̃] = k x̃ + m for x̃ = x_0 + σ ε (Bayes)."""
+    k = s2 / (s2 + sigma**2)
+    return k, (1.0 - k) * mu
+
+
+def heun_steps(alphas_cumprod_steps: np.ndarray, mu: float = MU, s2: float = S2) -> list[Step]:
+    """Heun steps (Karras et al. 2022, Algorithm 1, S_churn = 0) over the (respaced) ᾱ sequence,
+    from the last index down to 0, with the exact denoiser; each an affine map of x (no noise).
+
+    In x̃ = x/√ᾱ, σ = √(1/ᾱ - 1) (σ = 0 after index 0): d = (x̃ - D(x̃; σ))/σ; Euler
+    x̃' = x̃ + (σ' - σ) d; unless σ' = 0, d' = (x̃' - D(x̃'; σ'))/σ' and x̃ ← x̃ + (σ' - σ)(d + d')/2;
+    then x' = √ᾱ' x̃. Affine maps are carried as (gain, offset) pairs of x_i.
+    """
+    ab = np.asarray(alphas_cumprod_steps, np.float64)
+    sigma = np.sqrt(1.0 / ab - 1.0)
+    steps = []
+    for i in range(len(ab) - 1, -1, -1):
+        s_now, s_next = sigma[i], (sigma[i - 1] if i > 0 else 0.0)
+        g, c = 1.0 / math.sqrt(ab[i]), 0.0  # x̃_i = g x_i + c
+        k, m = _denoiser(s_now, mu, s2)
+        dg, dc = (1.0 - k) * g / s_now, ((1.0 - k) * c - m) / s_now
+        eg, ec = g + (s_next - s_now) * dg, c + (s_next - s_now) * dc
+        if s_next > 0.0:
+            k, m = _denoiser(s_next, mu, s2)
+            d2g, d2c = (1.0 - k) * eg / s_next, ((1.0 - k) * ec - m) / s_next
+            eg = g + (s_next - s_now) * (dg + d2g) / 2.0
+            ec = c + (s_next - s_now) * (dc + d2c) / 2.0
+        scale = math.sqrt(ab[i - 1]) if i > 0 else 1.0  # x = √ᾱ x̃; ᾱ = 1 after index 0
+        steps.append((scale * eg, scale * ec, 0.0))
+    return steps
+
+
+def probability_flow_limit(
+    alpha_bar_first: float, alpha_bar_last: float, mu: float = MU, s2: float = S2
+) -> Step:
+    """What a deterministic sampler whose timesteps run from ᾱ_first (noisiest) to ᾱ_last tends to
+    as its steps K → ∞: the exact probability-flow ODE from σ_first to σ_last, then the last step's
+    x̂_0 = D(x̃; σ_last). For Gaussian data dx̃/dσ = (x̃ - D)/σ = (x̃ - μ) σ/(s² + σ²), so x̃ - μ
+    scales by √((s² + σ_last²)/(s² + σ_first²)). Returned as an affine map of x_first."""
+    var_first, var_last = 1.0 / alpha_bar_first - 1.0, 1.0 / alpha_bar_last - 1.0
+    ratio = math.sqrt((s2 + var_last) / (s2 + var_first))
+    k, _ = _denoiser(math.sqrt(var_last), mu, s2)
+    return k * ratio / math.sqrt(alpha_bar_first), mu * (1.0 - k * ratio), 0.0
+
+
 def gaussian_entropy_bits(s2: float = S2) -> float:
     """Differential entropy of N(μ, s²) per dimension in bits: ½ log₂(2πe s²)."""
     return 0.5 * math.log2(2.0 * math.pi * math.e * s2)

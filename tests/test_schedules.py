@@ -196,3 +196,67 @@ def test_schedule_is_a_pytree_usable_under_jit():
     assert len(leaves) == 13 and all(leaf.shape == (100,) for leaf in leaves)
     total = jax.jit(lambda s: s.betas.sum() + s.num_timesteps)(schedule)
     np.testing.assert_allclose(total, np.sum(np.asarray(schedule.betas)) + 100, rtol=1e-6)
+
+
+# diffusers' DDIMScheduler.set_timesteps (src/diffusers/schedulers/scheduling_ddim.py, commit
+# 58eb52c of huggingface/diffusers, steps_offset = 0), listed descending there and here:
+#   linspace: np.linspace(0, T - 1, K).round()[::-1]
+#   leading:  (np.arange(0, K) * (T // K)).round()[::-1]
+#   trailing: np.round(np.arange(T, 0, -T / K)) - 1
+# Values worked out from those expressions. T = 1000, K = 10 is Lin et al. 2023 ("Common diffusion
+# noise schedules and sample steps are flawed"), Table 2, 0-based. T = 10, K = 4 has exact ties
+# (7.5 -> 8, 2.5 -> 2: round half to even); T = 50, K = 12 a tie that diffusers' float arange
+# breaks upwards (50 - 9 · 50/12 comes out as 12.500000000000021 -> 13 -> 12, not 11); for T = 50,
+# K = 29 diffusers' arange has 30 points, the last timestep -1, which space_timesteps drops.
+DIFFUSERS_TIMESTEPS = {
+    (1000, 10, "linspace"): [999, 888, 777, 666, 555, 444, 333, 222, 111, 0],
+    (1000, 10, "leading"): [900, 800, 700, 600, 500, 400, 300, 200, 100, 0],
+    (1000, 10, "trailing"): [999, 899, 799, 699, 599, 499, 399, 299, 199, 99],
+    (10, 4, "linspace"): [9, 6, 3, 0],
+    (10, 4, "leading"): [6, 4, 2, 0],
+    (10, 4, "trailing"): [9, 7, 4, 1],
+    (50, 12, "trailing"): [49, 45, 41, 37, 32, 28, 24, 20, 16, 12, 7, 3],
+    (50, 29, "trailing"): [49, 47, 46, 44, 42, 40, 39, 37, 35, 33, 32, 30, 28, 27, 25, 23, 21, 20,
+                           18, 16, 15, 13, 11, 9, 8, 6, 4, 2, 1],
+}
+
+
+@pytest.mark.parametrize("key", list(DIFFUSERS_TIMESTEPS), ids=str)
+def test_space_timesteps_matches_diffusers(key):
+    num_timesteps, num_steps, spacing = key
+    ts = schedules.space_timesteps(num_timesteps, num_steps, spacing)
+    assert ts.dtype == np.int64
+    assert ts[::-1].tolist() == DIFFUSERS_TIMESTEPS[key]
+
+
+@pytest.mark.parametrize("num_timesteps", [7, 50, 100, 1000])
+@pytest.mark.parametrize("spacing", schedules.T_SPACINGS)
+def test_space_timesteps_properties_for_every_step_count(num_timesteps, spacing):
+    """For every K in [2, T]: K distinct sorted timesteps in [0, T-1]; linspace keeps both ends,
+    leading keeps 0 with stride ⌊T/K⌋, trailing keeps T-1 with gaps ⌊T/K⌋ or ⌈T/K⌉ and lowest
+    round(T/K) - 1 (to within a tie); K = T gives every timestep."""
+    T = num_timesteps
+    for k in range(2, T + 1):
+        ts = schedules.space_timesteps(T, k, spacing)
+        assert ts.shape == (k,) and np.all(np.diff(ts) > 0) and 0 <= ts[0] and ts[-1] <= T - 1
+        if spacing == "linspace":
+            assert ts[0] == 0 and ts[-1] == T - 1
+        elif spacing == "leading":
+            assert ts[0] == 0 and np.all(np.diff(ts) == T // k)
+        else:
+            assert ts[-1] == T - 1 and abs(ts[0] + 1 - T / k) <= 0.5 + 1e-9
+            assert set(np.diff(ts).tolist()) <= {T // k, -(-T // k)}
+    np.testing.assert_array_equal(schedules.space_timesteps(T, T, spacing), np.arange(T))
+
+
+@pytest.mark.parametrize("spacing", schedules.SPACINGS)
+def test_respace_schedule_uses_the_named_spacing(spacing):
+    betas = schedules.get_betas("cosine", 100)
+    respaced, timestep_map = schedules.respace_schedule(schedules.make_schedule(betas), 10, spacing)
+    use = (schedules.space_timesteps_logsnr(np.cumprod(1 - betas), 10) if spacing == "logsnr"
+           else schedules.space_timesteps(100, 10, spacing))
+    expected, expected_map = schedules.respace_betas(betas, use)
+    np.testing.assert_array_equal(timestep_map, expected_map)
+    np.testing.assert_allclose(np.asarray(respaced.betas), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"unknown spacing 'uniform'.*'linspace'"):
+        schedules.respace_schedule(schedules.make_schedule(betas), 10, "uniform")
