@@ -4,8 +4,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 WORKDIR ?= workdirs/mnist
+TEXT_WORKDIR ?= workdirs/mnist_text
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo text-demo clean
 
 venv: $(STAMP)
 
@@ -23,6 +24,11 @@ test: venv lint
 demo: venv
 	$(BIN)/python main.py --config=configs/mnist.py --workdir=$(WORKDIR) --mode=train
 	$(BIN)/python main.py --config=configs/mnist.py --workdir=$(WORKDIR) --mode=sample
+
+# Text to image on the same digits: trains on captions, then draws configs/mnist_text_prompts.txt.
+text-demo: venv
+	$(BIN)/python main.py --config=configs/mnist_text.py --workdir=$(TEXT_WORKDIR) --mode=train
+	$(BIN)/python main.py --config=configs/mnist_text.py --workdir=$(TEXT_WORKDIR) --mode=sample
 
 clean:
 	rm -rf $(VENV) workdirs
