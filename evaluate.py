@@ -21,11 +21,14 @@ import ml_collections
 from absl import logging
 
 import config_lib
+import input_pipeline
 import metric_logging
 import sampling_lib
+import text_conditioning
 import train_lib
 from diffusion import schedules
 from evaluation import evaluator, likelihood, sample_quality
+from models import conditioning
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -41,6 +44,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = train_lib.make_mesh()
     results: dict = {"step": step, "params": "ema" if e.use_ema else "raw",
                      "dataset": config.data.name}
+    # Text models: the training captions' embeddings (cached by the trainer) and ∅.
+    text = text_conditioning.training_batcher(
+        config, input_pipeline.load(config.data.name, config.data.split, config.data.data_dir),
+        model, workdir)
+    null = conditioning.null_cond(model.num_classes, text.null if text else None)
+    bound_cond, fid_cond = evaluator.text_cond_fns(config, model, text, e.seed)
 
     if e.bpd:
         source = evaluator.eval_source(config)
@@ -49,8 +58,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      config.data.name, config.data.eval_split, schedule.num_timesteps,
                      results["params"])
         bound = likelihood.bound_on_dataset(
-            evaluator.bound_evaluator(config, model, schedule, mesh), params,
-            likelihood.dataset_batches(source, batch_size=e.batch_size, num_examples=n),
+            evaluator.bound_evaluator(config, model, schedule, mesh, null), params,
+            likelihood.dataset_batches(source, batch_size=e.batch_size, num_examples=n,
+                                       cond_fn=bound_cond),
             num_batches=-(-n // e.batch_size), seed=e.seed, t_chunk=e.bpd_t_chunk,
             log=logging.info)
         results["bpd"] = {"split": config.data.eval_split, "condition": e.bpd_condition,
@@ -67,7 +77,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         s = config.sample
         sampler = sampling_lib.sampler_from_config(config, model, schedule, mesh,
                                                    batch_size=s.batch_size,
-                                                   num_steps=s.num_steps)
+                                                   num_steps=s.num_steps, null=null)
         logging.info("%s of %d samples (%s, %s steps, guidance %g) vs %d %s/%s images.",
                      net.metric("FID"), e.fid_num_samples, s.sampler,
                      s.num_steps or config.diffusion.num_timesteps, s.guidance_scale,
@@ -75,7 +85,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         fake = sample_quality.sample_stats(
             net, sampler, params, num_samples=e.fid_num_samples,
             num_classes=model.num_classes, seed=e.seed, num_splits=e.is_splits,
-            kid_max_features=e.kid_max_features, log=logging.info)
+            kid_max_features=e.kid_max_features, log=logging.info, cond_fn=fid_cond)
         metrics = evaluator.compare(config, net, real, fake)
         results["sample_quality"] = {
             "feature_net": net.name, "note": net.note, "num_samples": e.fid_num_samples,

@@ -65,6 +65,13 @@ def training_batcher(config: ml_collections.ConfigDict, source: input_pipeline.S
     return batcher
 
 
+def for_split(config: ml_collections.ConfigDict, text: captions.TextBatcher,
+              split: str) -> captions.TextBatcher:
+    """`text` (the training captions' batcher) for the examples of another split."""
+    source = input_pipeline.load(config.data.name, split, config.data.data_dir)
+    return text.with_source(caption_source(config, source))
+
+
 def null_cond(config: ml_collections.ConfigDict, model: UNet) -> dict:
     """∅ of `model`: the null label and/or the empty caption's encoding."""
     text = None

@@ -304,7 +304,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                            num_steps=tr.sample_num_steps, text=text, null=null)
     evaluator = None  # periodic bound estimate / small-sample FID (config.eval)
     if config.eval.bpd_every or config.eval.fid_every:
-        evaluator = PeriodicEvaluator(config, model, schedule, mesh, workdir)
+        evaluator = PeriodicEvaluator(config, model, schedule, mesh, workdir, text=text,
+                                      null=null)
 
     writer = metric_logging.Writer(workdir, enabled=jax.process_index() == 0)
     if start_step == 0:

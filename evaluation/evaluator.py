@@ -20,6 +20,7 @@ import numpy as np
 import input_pipeline
 import metric_logging
 import sampling_lib
+import text_conditioning
 from diffusion.schedules import Schedule
 from evaluation import fid, likelihood, sample_quality
 from models import UNet, conditioning
@@ -41,10 +42,35 @@ def bound_model_fn(model: UNet, condition: str, null: dict | None = None) -> lik
 
 
 def bound_evaluator(config: ml_collections.ConfigDict, model: UNet, schedule: Schedule,
-                    mesh: jax.sharding.Mesh) -> likelihood.BoundEvaluator:
+                    mesh: jax.sharding.Mesh, null: dict | None = None
+                    ) -> likelihood.BoundEvaluator:
     return likelihood.BoundEvaluator(
-        bound_model_fn(model, config.eval.bpd_condition), schedule, mesh,
+        bound_model_fn(model, config.eval.bpd_condition, null), schedule, mesh,
         prediction=config.diffusion.prediction, var_type=config.diffusion.var_type)
+
+
+def text_cond_fns(config: ml_collections.ConfigDict, model: UNet, text, seed: int):
+    """(bound cond_fn, FID cond_fn) of a text model (None, None without text): the bound sees
+    each eval example's caption, chosen per (seed, batch); FID samples are drawn for the
+    captions (and labels) of training examples in a seeded random order, so they follow the
+    data's distribution of captions."""
+    if text is None:
+        return None, None
+    eval_text = text_conditioning.for_split(config, text, config.data.eval_split)
+    train = input_pipeline.load(config.data.name, config.data.split, config.data.data_dir)
+    order = np.random.default_rng(seed).permutation(len(text.source))
+
+    def bound_cond(indices, labels, batch):
+        return {"label": labels, **eval_text(indices, seed=seed, step=batch)}
+
+    def fid_cond(start, n):
+        indices = order[(start + np.arange(n)) % len(order)]
+        cond = text(indices, seed=seed, step=start)
+        if model.num_classes:
+            cond["label"] = train.get(indices)[1].astype(np.int32)
+        return cond
+
+    return bound_cond, fid_cond
 
 
 def eval_source(config: ml_collections.ConfigDict) -> input_pipeline.Source:
@@ -83,23 +109,26 @@ class PeriodicEvaluator:
     """Called by the trainer after every update; returns the scalars due at this step."""
 
     def __init__(self, config: ml_collections.ConfigDict, model: UNet, schedule: Schedule,
-                 mesh: jax.sharding.Mesh, workdir: str):
+                 mesh: jax.sharding.Mesh, workdir: str, text=None, null: dict | None = None):
+        """text: the trainer's TextBatcher of a text model; null: its ∅."""
         self._config, self._model, self._mesh, self._workdir = config, model, mesh, workdir
         e = config.eval
         self.bpd_every, self.fid_every = e.bpd_every, e.fid_every
         self._bound = self._batches = None
+        bound_cond, self._fid_cond = text_cond_fns(config, model, text, e.seed)
         if self.bpd_every:
-            self._bound = bound_evaluator(config, model, schedule, mesh)
+            self._bound = bound_evaluator(config, model, schedule, mesh, null)
             source = eval_source(config)
             self._batches = list(likelihood.dataset_batches(
                 source, batch_size=e.batch_size,
-                num_examples=min(len(source), e.bpd_estimate_batches * e.batch_size)))
+                num_examples=min(len(source), e.bpd_estimate_batches * e.batch_size),
+                cond_fn=bound_cond))
         self._sampler = self._net = self._real = None
         if self.fid_every:
             n = config.sample.batch_size
             self._sampler = sampling_lib.sampler_from_config(
                 config, model, schedule, mesh, batch_size=n,
-                num_steps=config.train.sample_num_steps)
+                num_steps=config.train.sample_num_steps, null=null)
 
     def due(self, step: int) -> bool:
         return bool((self.bpd_every and step % self.bpd_every == 0)
@@ -124,7 +153,7 @@ class PeriodicEvaluator:
             fake = sample_quality.sample_stats(
                 self._net, self._sampler, params, num_samples=e.fid_every_num_samples,
                 num_classes=self._model.num_classes, seed=step, num_splits=e.is_splits,
-                kid_max_features=e.kid_max_features)
+                kid_max_features=e.kid_max_features, cond_fn=self._fid_cond)
             metrics = compare(self._config, self._net, self._real, fake)
             n = e.fid_every_num_samples
             out.update({f"eval/{k}_{n}samples": v for k, v in metrics.items()})

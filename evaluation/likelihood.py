@@ -153,17 +153,24 @@ class BoundResult:
         return d
 
 
-def dataset_batches(source: input_pipeline.Source, *, batch_size: int,
-                    num_examples: int = 0) -> Iterator[tuple[np.ndarray, dict, np.ndarray]]:
-    """(images [B, H, W, C] in [-1, 1], cond {"label": [B]}, mask [B]) over the first
-    `num_examples` (0 = all) examples in order; the last batch is padded by repeating example 0,
-    mask False."""
+def dataset_batches(source: input_pipeline.Source, *, batch_size: int, num_examples: int = 0,
+                    cond_fn: Callable[[np.ndarray, np.ndarray, int], dict] | None = None
+                    ) -> Iterator[tuple[np.ndarray, dict, np.ndarray]]:
+    """(images [B, H, W, C] in [-1, 1], cond, mask [B]) over the first `num_examples` (0 = all)
+    examples in order; the last batch is padded by repeating example 0, mask False.
+
+    cond: {"label": [B]}, or cond_fn(dataset indices [B], labels [B], batch number) (e.g. the
+    caption embeddings of a text model)."""
     n = len(source) if num_examples <= 0 else min(num_examples, len(source))
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
         mask = idx < n
         images, labels = source.get(np.where(mask, idx, 0))
-        yield input_pipeline.preprocess(images, None), {"label": labels.astype(np.int32)}, mask
+        labels = labels.astype(np.int32)
+        cond = {"label": labels}
+        if cond_fn is not None:
+            cond = cond_fn(np.where(mask, idx, 0), labels, start // batch_size)
+        yield input_pipeline.preprocess(images, None), cond, mask
 
 
 def bound_on_dataset(evaluator: BoundEvaluator, params, batches: Iterable, *, num_batches: int,

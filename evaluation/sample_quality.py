@@ -136,9 +136,11 @@ def reference_stats(net: FeatureNet, source: input_pipeline.Source, *, cache_dir
 def sample_stats(net: FeatureNet, sampler: sampling_lib.Sampler, params, *, num_samples: int,
                  num_classes: int, seed: int, num_splits: int = 10,
                  kid_max_features: int = 10_000,
-                 log: Callable[[str], None] | None = None) -> fid.Stats:
+                 log: Callable[[str], None] | None = None,
+                 cond_fn: Callable[[int, int], dict] | None = None) -> fid.Stats:
     """Statistics of `num_samples` samples, streamed batch by batch (keys as
-    `sampling_lib.sample_many`); class-conditional models get balanced labels i mod K."""
+    `sampling_lib.sample_many`); class-conditional models get balanced labels i mod K, or
+    cond_fn(start, batch_size) gives the condition of samples start.. (e.g. captions)."""
     acc = fid.FeatureStats(num_samples, num_splits=num_splits, kid_max_features=kid_max_features)
     key = jax.random.key(seed)
     num_batches = -(-num_samples // sampler.batch_size)
@@ -149,6 +151,8 @@ def sample_stats(net: FeatureNet, sampler: sampling_lib.Sampler, params, *, num_
         if num_classes:
             cond = {"label": (np.arange(start, start + sampler.batch_size)
                               % num_classes).astype(np.int32)}
+        if cond_fn is not None:
+            cond = cond_fn(start, sampler.batch_size)
         images = sampler(params, jax.random.fold_in(key, i), cond)[:n]
         acc.update(*net(metric_logging.to_uint8(images)))
         if log:

@@ -141,12 +141,20 @@ class TextBatcher:
     """
 
     def __init__(self, source: CaptionSource, encoder, fields: Sequence[str], *,
-                 cache_dir: str | None = None, log: Callable[[str], None] | None = None):
+                 cache_dir: str | None = None, log: Callable[[str], None] | None = None,
+                 embeddings: Embeddings | None = None):
+        """embeddings: already computed rows of ["", *source.vocabulary] (else encoded here)."""
         self.source = source
         self.fields = tuple(fields)
-        self.embeddings = embed_texts(encoder, ["", *source.vocabulary], cache_dir=cache_dir,
-                                      log=log)
+        self.embeddings = embeddings or embed_texts(encoder, ["", *source.vocabulary],
+                                                    cache_dir=cache_dir, log=log)
         self.null = self.embeddings.null(self.fields)
+
+    def with_source(self, source: CaptionSource) -> TextBatcher:
+        """The same embeddings for another dataset of the same vocabulary (e.g. the eval split)."""
+        if list(source.vocabulary) != list(self.source.vocabulary):
+            raise ValueError("with_source needs a caption source of the same vocabulary.")
+        return TextBatcher(source, None, self.fields, embeddings=self.embeddings)
 
     def __call__(self, indices: np.ndarray, *, seed: int, step: int,
                  rows: slice = slice(None)) -> dict[str, np.ndarray]:
