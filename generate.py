@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 import classifier_training
+import config_compat
 import config_lib
 import metric_logging
 import sampling_lib
@@ -35,7 +36,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str):
 
 
 def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-    """Samples config.sample.num_samples images; one grid row per class by default."""
+    """Samples config.sample.num_samples images; one grid row per class by default. The model
+    and diffusion settings are those the checkpoint was trained with (config_compat)."""
+    config = config_compat.trained_config(config, workdir)
     s = config.sample
     model, params, step, schedule, mesh = _setup(config, workdir)
     classifier = classifier_params = None
@@ -70,11 +73,15 @@ def guidance_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Imported here: only this mode needs the evaluation package and its weights.
     from evaluation import mnist_classifier
 
+    config = config_compat.trained_config(config, workdir)  # the settings it was trained with
     s = config.sample
     if not (config.model.num_classes and config.diffusion.p_uncond > 0):
         raise config_lib.ConfigError(
-            "--mode=guidance_sweep compares classifier-free guidance scales, which needs a model "
-            "trained with the null label (model.num_classes > 0 and diffusion.p_uncond > 0).")
+            f"--mode=guidance_sweep compares classifier-free guidance scales, which needs a model "
+            f"trained with the null label, but the model in {workdir} was trained with "
+            f"model.num_classes={config.model.num_classes}, diffusion.p_uncond="
+            f"{config.diffusion.p_uncond}. Fix: train one with model.num_classes > 0 and "
+            f"--config.diffusion.p_uncond=0.1 (configs/mnist.py), in a new --workdir.")
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     num_classes = mnist_classifier.NUM_CLASSES
     if shape != mnist_classifier.IMAGE_SHAPE or config.model.num_classes != num_classes:
