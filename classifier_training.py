@@ -24,10 +24,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import checkpointing
+import config_compat
 import config_lib
 import input_pipeline
+import interrupts
 import metric_logging
 import train_lib
+import workdir_lock
 from diffusion import gaussian, schedules
 from models import NoisyClassifier
 
@@ -71,13 +74,25 @@ def loss_fn(params, batch: dict[str, jax.Array], key: jax.Array, *, model: Noisy
 
 
 def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> train_lib.TrainState:
-    """Trains (or resumes) the classifier until config.classifier.num_steps; returns the state."""
-    config_lib.validate_classifier(config, num_devices=jax.device_count())
+    """Trains (or resumes) the classifier until config.classifier.num_steps; returns the state.
+
+    As `train_lib.train`: validated, its directory locked and its config compared with the
+    latest classifier checkpoint's (config_compat.CLASSIFIER_RULES) before anything is built.
+    """
+    with interrupts.handled():
+        config_lib.validate_classifier(config, num_devices=jax.device_count())
+        directory = classifier_dir(config, workdir)
+        with workdir_lock.hold(directory):
+            config_compat.check_resume(config, directory, config_compat.CLASSIFIER_RULES)
+            return _train_classifier(config, directory)
+
+
+def _train_classifier(config: ml_collections.ConfigDict,
+                      directory: str) -> train_lib.TrainState:
     source = input_pipeline.load(config.data.name, config.data.split, config.data.data_dir)
     input_pipeline.check_shape(source, config.data.image_size, config.data.num_channels,
                                config.data.name)
     c = config.classifier
-    directory = classifier_dir(config, workdir)
 
     mesh = train_lib.make_mesh()
     replicated = NamedSharding(mesh, P())
@@ -92,12 +107,13 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> train_l
     abstract_state, init = _abstract_state(config, model, replicated)
 
     ckpt = checkpointing.Checkpointer(directory, max_to_keep=config.train.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, _ = ckpt.restore(latest, abstract_state)
+    restored = ckpt.restore_newest_intact(abstract_state)
+    if restored is not None:
+        state, _, latest = restored
         logging.info("Resumed the classifier from step %d in %s.", latest, ckpt.directory)
     else:
-        state = jax.jit(init, out_shardings=replicated)(init_key)
+        state = interrupts.run_interruptibly(
+            lambda: jax.jit(init, out_shardings=replicated)(init_key))
     step = int(jax.device_get(state.step))
 
     update = jax.jit(
@@ -107,10 +123,15 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> train_l
                           lr_fn=optax.constant_schedule(c.lr), base_key=train_key),
         in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
         donate_argnums=0)
+    if step < c.num_steps:  # compiled so that a stop meanwhile is honoured at once
+        example = train_lib.global_batches(source, config, step, 1, batch_sharding,
+                                           batch_size=c.batch_size)
+        update = interrupts.run_interruptibly(update.lower(state, example).compile)
 
     writer = metric_logging.Writer(directory, enabled=jax.process_index() == 0)
     progress = metric_logging.Progress(step, c.num_steps, c.batch_size)
     history = []
+    interrupts.STOP.defer()  # from here a stop saves at the next step boundary
     try:
         while step < c.num_steps:
             batches = train_lib.global_batches(source, config, step, 1, batch_sharding,
@@ -118,11 +139,13 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> train_l
             state, metrics = update(state, batches)
             history.append((step, metrics))
             step += 1
-            save = step % c.checkpoint_every == 0 or step == c.num_steps
+            stop = interrupts.STOP.requested or (step % c.log_every == 0
+                                                 and interrupts.STOP.any_process())
+            save = step % c.checkpoint_every == 0 or step == c.num_steps or stop
             if step % c.log_every == 0 or save:
                 fetched = jax.device_get(history)
                 history = []
-                train_lib.check_finite(fetched)
+                train_lib.check_finite(fetched, ckpt.latest_step())
                 last = {f"classifier/{n}": float(v[-1]) for n, v in fetched[-1][1].items()}
                 rates = progress.update(step)
                 writer.scalars(step, last)
@@ -132,6 +155,9 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> train_l
                 ckpt.save(step, state, {"step": step,
                                         "config": checkpointing.config_to_json(config)},
                           force=True)
+            if stop:
+                logging.info("Preempted: saved classifier step %d; exiting cleanly.", step)
+                return state
     finally:
         ckpt.wait_until_finished()
         ckpt.close()
@@ -173,7 +199,11 @@ def evaluate(config: ml_collections.ConfigDict, model: NoisyClassifier, params: 
 
 def restore_classifier(config: ml_collections.ConfigDict,
                        workdir: str) -> tuple[NoisyClassifier, Any, int]:
-    """(classifier, replicated EMA params, step) of the latest classifier checkpoint."""
+    """(classifier, replicated EMA params, step) of the newest classifier checkpoint that
+    restores, with the classifier settings it was trained with (config_compat)."""
+    config = config_compat.trained_config(
+        config, classifier_dir(config, workdir), config_compat.CLASSIFIER_RULES,
+        take=("classifier",), must_match=("diffusion.schedule", "diffusion.num_timesteps"))
     config_lib.validate_classifier(config, num_devices=jax.device_count())
     model = create_classifier(config)
     abstract_state, _ = _abstract_state(config, model, NamedSharding(train_lib.make_mesh(), P()))

@@ -17,6 +17,7 @@ from diffusion.samplers import SAMPLERS
 from diffusion.schedules import SCHEDULES, T_SPACINGS
 from errors import UserError
 from evaluation import FEATURE_NETS
+from input_pipeline import MNIST_5K, MNIST_5K_SPLITS
 
 # Legal values are defined once, in the lowest module that needs them, and imported here.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -89,17 +90,26 @@ def _validate_network(n: ml_collections.ConfigDict, name: str, size: int) -> Non
     _require(0.0 <= n.dropout < 1.0, f"{name}.dropout={n.dropout} must be in [0, 1).")
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
-    """Raises ConfigError on the first bad field. Cheap: no data, no compilation."""
+def validate(config: ml_collections.ConfigDict, *, num_devices: int,
+             evaluating: bool = False) -> None:
+    """Raises ConfigError on the first bad field. Cheap: no data, no compilation.
+
+    The eval.* settings are checked where they will be used: those of the periodic estimates
+    when they are on (eval.bpd_every, eval.fid_every), all of --mode=eval's when `evaluating`.
+    """
     d, m, o, tr, s = config.diffusion, config.model, config.optim, config.train, config.sample
 
+    _require(isinstance(config.seed, int) and config.seed >= 0,
+             f"seed={config.seed} must be a non-negative integer (it seeds the data order and "
+             f"every key). Fix: e.g. --config.seed=0.")
     _require(bool(config.data.name), "data.name is empty. Fix: --config.data.name=mnist_5k "
              "(offline) or a tensorflow-datasets name such as cifar10.")
-    if config.data.name == "mnist_5k":
+    if config.data.name == MNIST_5K:
         _require((config.data.image_size, config.data.num_channels) == (28, 1),
                  f"data.name='mnist_5k' has 28x28x1 images, but data.image_size="
                  f"{config.data.image_size}, data.num_channels={config.data.num_channels}. "
                  f"Fix: --config.data.image_size=28 --config.data.num_channels=1.")
+        _mnist_5k_split(config.data.split, "data.split")
 
     _one_of(d.schedule, SCHEDULES, "diffusion.schedule")
     _require(d.num_timesteps >= 2, f"diffusion.num_timesteps={d.num_timesteps} must be >= 2.")
@@ -138,6 +148,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
                  f"train.steps_per_dispatch={k}. Fix: make it a multiple of {k}.")
     _require(tr.log_every > 0 and tr.checkpoint_every > 0,
              "train.log_every and train.checkpoint_every must be positive.")
+    _require(isinstance(tr.keep_checkpoints, int) and tr.keep_checkpoints >= 1,
+             f"train.keep_checkpoints={tr.keep_checkpoints} must be >= 1: orbax deletes every "
+             f"checkpoint beyond it, including earlier runs' in the workdir. Fix: e.g. "
+             f"--config.train.keep_checkpoints=3.")
 
     _one_of(s.sampler, SAMPLERS, "sample.sampler")
     _one_of(s.spacing, T_SPACINGS, "sample.spacing")
@@ -175,41 +189,55 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _require(len(s.sweep_scales) > 0 and all(w >= 0 for w in s.sweep_scales),
              f"sample.sweep_scales={tuple(s.sweep_scales)} must be a non-empty tuple of "
              f"guidance scales >= 0.")
-    _validate_eval(config, num_devices)
+    _validate_eval(config, num_devices, evaluating)
 
 
-def _validate_eval(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """config.eval: --mode=eval and the periodic estimates during training."""
+def _mnist_5k_split(split: str, field: str) -> None:
+    _require(split in MNIST_5K_SPLITS,
+             f"{field}={split!r} is not a split of mnist_5k. Fix: use one of {MNIST_5K_SPLITS}.")
+
+
+def _validate_eval(config: ml_collections.ConfigDict, num_devices: int, evaluating: bool) -> None:
+    """config.eval: --mode=eval (`evaluating`) and the periodic estimates during training."""
     e, k = config.eval, config.train.steps_per_dispatch
-    _require_batch(e.batch_size, "eval.batch_size", num_devices)
-    _one_of(e.bpd_condition, EVAL_CONDITIONS, "eval.bpd_condition")
-    _require(e.bpd_condition != "null"
-             or (config.model.num_classes > 0 and config.diffusion.p_uncond > 0),
-             "eval.bpd_condition='null' needs a model trained with the null label "
-             "(model.num_classes > 0, diffusion.p_uncond > 0). Fix: eval.bpd_condition='label'.")
-    _one_of(e.feature_net, FEATURE_NETS, "eval.feature_net")
-    _require(e.feature_net != "mnist_classifier"
-             or (config.data.image_size, config.data.num_channels) == (28, 1),
-             "eval.feature_net='mnist_classifier' takes 28x28x1 digits. Fix: "
-             "--config.eval.feature_net=inception_v3 for other images.")
-    for field in ("bpd_num_examples", "bpd_t_chunk", "fid_num_samples", "fid_ref_num_examples"):
-        _require(e[field] >= 0, f"eval.{field}={e[field]} must be >= 0.")
     for field in ("bpd_every", "fid_every"):
         _require(e[field] >= 0 and e[field] % k == 0,
                  f"eval.{field}={e[field]} must be a non-negative multiple of "
                  f"train.steps_per_dispatch={k} (0 = off). Fix: make it a multiple of {k}.")
-    _require(e.bpd_estimate_batches > 0 and e.bpd_estimate_timesteps > 0,
-             "eval.bpd_estimate_batches and eval.bpd_estimate_timesteps must be positive.")
-    _require(e.fid_num_samples != 1 and e.fid_every_num_samples >= 2,
-             "FID needs at least 2 samples: eval.fid_num_samples (0 = skip) and "
-             "eval.fid_every_num_samples.")
-    _require(e.kid_subset_size >= 2 and e.kid_num_subsets >= 1 and e.kid_max_features >= 2,
-             "eval.kid_subset_size and eval.kid_max_features must be >= 2, "
-             "eval.kid_num_subsets >= 1.")
-    _require(e.is_splits >= 1, f"eval.is_splits={e.is_splits} must be >= 1.")
-    _require(e.text_num_prompts >= 2,
-             f"eval.text_num_prompts={e.text_num_prompts} must be >= 2 (90 covers every meaning "
-             f"once).")
+    bound = e.bpd_every > 0 or (evaluating and e.bpd)
+    fid = e.fid_every > 0 or (evaluating and e.fid_num_samples != 0)
+    if bound or fid:
+        _require_batch(e.batch_size, "eval.batch_size", num_devices)
+    if bound:
+        _one_of(e.bpd_condition, EVAL_CONDITIONS, "eval.bpd_condition")
+        _require(e.bpd_condition != "null"
+                 or (config.model.num_classes > 0 and config.diffusion.p_uncond > 0),
+                 "eval.bpd_condition='null' needs a model trained with the null label "
+                 "(model.num_classes > 0, diffusion.p_uncond > 0). Fix: "
+                 "eval.bpd_condition='label'.")
+        for field in ("bpd_num_examples", "bpd_t_chunk"):
+            _require(e[field] >= 0, f"eval.{field}={e[field]} must be >= 0.")
+        _require(e.bpd_estimate_batches > 0 and e.bpd_estimate_timesteps > 0,
+                 "eval.bpd_estimate_batches and eval.bpd_estimate_timesteps must be positive.")
+        if config.data.name == MNIST_5K:
+            _mnist_5k_split(config.data.eval_split, "data.eval_split")
+    if fid:
+        _one_of(e.feature_net, FEATURE_NETS, "eval.feature_net")
+        _require(e.feature_net != "mnist_classifier"
+                 or (config.data.image_size, config.data.num_channels) == (28, 1),
+                 "eval.feature_net='mnist_classifier' takes 28x28x1 digits. Fix: "
+                 "--config.eval.feature_net=inception_v3 for other images.")
+        for field in ("fid_num_samples", "fid_ref_num_examples"):
+            _require(e[field] >= 0, f"eval.{field}={e[field]} must be >= 0.")
+        _require(e.fid_num_samples != 1 and e.fid_every_num_samples >= 2,
+                 "FID needs at least 2 samples: eval.fid_num_samples (0 = skip) and "
+                 "eval.fid_every_num_samples.")
+        _require(e.kid_subset_size >= 2 and e.kid_num_subsets >= 1 and e.kid_max_features >= 2,
+                 "eval.kid_subset_size and eval.kid_max_features must be >= 2, "
+                 "eval.kid_num_subsets >= 1.")
+        _require(e.is_splits >= 1, f"eval.is_splits={e.is_splits} must be >= 1.")
+        if config.data.name == MNIST_5K:
+            _mnist_5k_split(e.fid_ref_split, "eval.fid_ref_split")
 
 
 def _validate_text(config: ml_collections.ConfigDict) -> None:
@@ -297,6 +325,8 @@ def validate_classifier(config: ml_collections.ConfigDict, *, num_devices: int) 
     _require(0.0 <= c.ema_decay < 1.0, f"classifier.ema_decay={c.ema_decay} must be in [0, 1).")
     _require(c.log_every > 0 and c.checkpoint_every > 0,
              "classifier.log_every and classifier.checkpoint_every must be positive.")
+    if config.data.name == MNIST_5K:  # the classifier's accuracy is measured on it at the end
+        _mnist_5k_split(config.data.eval_split, "data.eval_split")
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:

@@ -9,3 +9,8 @@ bug or a crash and keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's input; the message names the bad value and the fix."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the user must provide is missing (weights, a checkpoint, event
+    files); the message says how to get it."""

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 from absl import logging
 
+import config_compat
 import config_lib
 import input_pipeline
 import metric_logging
@@ -32,8 +33,10 @@ from models import conditioning
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Evaluates the latest checkpoint in workdir; returns what it writes to the JSON file."""
-    config_lib.validate(config, num_devices=jax.device_count())
+    """Evaluates the latest checkpoint in workdir; returns what it writes to the JSON file.
+    The model and diffusion settings are those it was trained with (config_compat)."""
+    config = config_compat.trained_config(config, workdir)
+    config_lib.validate(config, num_devices=jax.device_count(), evaluating=True)
     e = config.eval
     net = None
     if e.fid_num_samples:  # fail on missing feature weights before restoring anything

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
+import config_compat
 import config_lib
 import cpu_runtime
 import input_pipeline
@@ -34,6 +35,7 @@ import metric_logging
 import sampling_lib
 import train_lib
 from diffusion import gaussian, samplers, schedules
+from errors import MissingFileError
 
 DPI = 100
 
@@ -369,7 +371,7 @@ def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
     files = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))
     if not files:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No TensorBoard event files in {logdir}. Fix: train first (--mode=train), or point "
             f"--workdir at a trained run.")
     series: dict[str, dict[int, float]] = {}
@@ -421,7 +423,8 @@ def training_curves_figure(path: str, workdir: str, *,
 def make_figures(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Every figure into <workdir>/figures/. The data-only figures come first; the reverse
     chain, the guidance grid (class-conditional MNIST models with p_uncond > 0) and the curves
-    need a trained run in workdir. Returns {name: path}."""
+    need a trained run in workdir (with the settings it was trained with). Returns {name: path}."""
+    config = config_compat.trained_config(config, workdir)
     out = os.path.join(workdir, "figures")
     T = config.diffusion.num_timesteps
     paths = {

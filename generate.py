@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 import classifier_training
+import config_compat
 import config_lib
 import metric_logging
 import sampling_lib
@@ -45,9 +46,11 @@ def _prompt_rows(prompts: list[str], num_samples: int) -> list[str]:
 
 def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Samples config.sample.num_samples images; one grid row per class (or prompt) by default.
+    The model and diffusion settings are those the checkpoint was trained with (config_compat).
 
     Text models take sample.prompt or the lines of sample.prompts; sample.unconditional=True
     samples every image with the null condition ∅ (the null label, the empty caption)."""
+    config = config_compat.trained_config(config, workdir)
     s = config.sample
     model, params, step, schedule, mesh = _setup(config, workdir)
     text = text_conditioning.text_fields(model)
@@ -108,11 +111,15 @@ def guidance_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Imported here: only this mode needs the evaluation package and its weights.
     from evaluation import mnist_classifier
 
+    config = config_compat.trained_config(config, workdir)  # the settings it was trained with
     s = config.sample
     if not (config.model.num_classes and config.diffusion.p_uncond > 0):
         raise config_lib.ConfigError(
-            "--mode=guidance_sweep compares classifier-free guidance scales, which needs a model "
-            "trained with the null label (model.num_classes > 0 and diffusion.p_uncond > 0).")
+            f"--mode=guidance_sweep compares classifier-free guidance scales, which needs a model "
+            f"trained with the null label, but the model in {workdir} was trained with "
+            f"model.num_classes={config.model.num_classes}, diffusion.p_uncond="
+            f"{config.diffusion.p_uncond}. Fix: train one with model.num_classes > 0 and "
+            f"--config.diffusion.p_uncond=0.1 (configs/mnist.py), in a new --workdir.")
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     num_classes = mnist_classifier.NUM_CLASSES
     if shape != mnist_classifier.IMAGE_SHAPE or config.model.num_classes != num_classes:

@@ -28,11 +28,16 @@ import numpy as np
 from errors import UserError
 
 MNIST_5K = "mnist_5k"
+MNIST_5K_SPLITS = ("train", "test", "all")
 _MNIST_5K_TEST_PER_CLASS = 50
 
 
 class DatasetNotAvailableError(UserError, RuntimeError):
     """The dataset is not on this machine; the message says how to prepare it."""
+
+
+class DataMismatchError(UserError, ValueError):
+    """The data does not match the config (split, image shape); the message names the fix."""
 
 
 class Source(Protocol):
@@ -91,9 +96,10 @@ def mnist_5k_path() -> str:
 
 def load_mnist_5k(split: str) -> ArraySource:
     """The offline MNIST digits; `split` is "train" (4,500), "test" (500) or "all" (5,000)."""
-    if split not in ("train", "test", "all"):
-        raise ValueError(
-            f"data.split={split!r} is not a split of mnist_5k. Fix: use 'train', 'test' or 'all'.")
+    if split not in MNIST_5K_SPLITS:
+        raise DataMismatchError(
+            f"data.split={split!r} is not a split of mnist_5k. Fix: use one of "
+            f"{MNIST_5K_SPLITS}.")
     with gzip.open(mnist_5k_path(), "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)  # [5000, 785]: pixels, label
     images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
@@ -122,14 +128,27 @@ def load_tfds(name: str, split: str, data_dir: str | None = None) -> TfdsSource:
             f"name from `tfds.list_builders()`.") from e
     except (AssertionError, FileNotFoundError, NotImplementedError) as e:
         # What tfds raises when the data is absent, or present only as TFRecord files.
-        where = data_dir or "the tfds default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-        raise DatasetNotAvailableError(
-            f"data.name={name!r} is not prepared (as ArrayRecord) in {where}, and this program "
+        raise DatasetNotAvailableError(_not_prepared(name, data_dir, e)) from e
+    except KeyError as e:
+        # tfds found the dataset's code but no prepared data (in its default data_dirs it then
+        # has an empty split dict), or the data has no such split.
+        splits = list(tfds.builder(name, data_dir=data_dir or None).info.splits)
+        if not splits:
+            raise DatasetNotAvailableError(_not_prepared(name, data_dir, e)) from e
+        raise DataMismatchError(
+            f"data.split={split!r} is not a split of the prepared {name!r} (it has {splits}). "
+            f"Fix: use one of those, or a slice such as 'train[:90%]'.") from e
+    return TfdsSource(data_source)
+
+
+def _not_prepared(name: str, data_dir: str | None, error: Exception) -> str:
+    where = data_dir or "the tfds default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+    said = " ".join(str(error).split())[:200]
+    return (f"data.name={name!r} is not prepared (as ArrayRecord) in {where}, and this program "
             f"never downloads. Fix: on a machine with internet, `pip install 'ddpm-jax[tf]'` and "
             f"run `tfds build {name} --file_format=array_record"
             f"{' --data_dir=' + data_dir if data_dir else ''}`, then copy the data_dir here; or "
-            f"train offline with --config.data.name=mnist_5k. (tfds said: {e})") from e
-    return TfdsSource(data_source)
+            f"train offline with --config.data.name=mnist_5k. (tfds said: {said})")
 
 
 def load(name: str, split: str, data_dir: str | None = None) -> Source:
@@ -193,7 +212,7 @@ def check_shape(source: Source, image_size: int, num_channels: int, name: str) -
     images, _ = source.get(np.arange(1))
     want = (image_size, image_size, num_channels)
     if images.shape[1:] != want:
-        raise ValueError(
+        raise DataMismatchError(
             f"data.name={name!r} has images of shape {images.shape[1:]}, but the config says "
             f"data.image_size={image_size}, data.num_channels={num_channels}. Fix: set "
             f"--config.data.image_size={images.shape[1]} "

@@ -11,14 +11,24 @@
 
 Multi-host (TPU pods, GPU clusters): launch the same command on every host with --multihost;
 jax.distributed.initialize() reads the cluster from the environment.
+
+A mistake of the user's (a bad flag, config file or value, an unprepared dataset, a busy or
+unwritable workdir, a full disk: errors.UserError) ends with one line `error: ...` that names
+the fix, and exit code 1; anything else is a bug and keeps its traceback. SIGTERM and Ctrl-C:
+interrupts.py (training saves and exits 0).
 """
 
 import cpu_runtime
 
-if __name__ == "__main__":  # first, so the restart (cpu_runtime.py, section 3) costs no imports
-    cpu_runtime.restart_with_huge_page_malloc()
+if __name__ == "__main__":
+    cpu_runtime.restart_with_huge_page_malloc()  # first, so the restart costs no imports
+    import interrupts
+
+    interrupts.STOP.install()  # next: a SIGTERM or Ctrl-C from here on is handled
 
 import logging as logging_std
+import os
+import re
 import sys
 
 import jax
@@ -26,13 +36,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import classifier_training
-import config_lib
 import evaluate
 import figures
 import generate
-import input_pipeline
+import interrupts
 import text_eval
 import train_lib
+from errors import UserError
 
 # --mode -> what it runs, each called as fn(config, workdir).
 MODES = {
@@ -55,16 +65,91 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Number of processes (multihost only).")
 flags.DEFINE_integer("process_id", None, "This process's index (multihost only).")
 flags.mark_flags_as_required(["config", "workdir"])
+TRAINING_MODES = ("train", "train_classifier")  # a stop there exits 0: what there was is saved
 
 
 def _quiet_libraries(record: logging_std.LogRecord) -> bool:
-    """Keeps the progress readable: orbax and tfds INFO lines are dropped, warnings kept."""
+    """Keeps the progress readable: orbax and tfds INFO lines are dropped, warnings kept. Their
+    errors keep their line but not their traceback: orbax re-raises them to us, and main prints
+    a user's error as one line and anything else with its traceback, once."""
+    if "exception was never retrieved" in str(record.msg):
+        return False  # asyncio, for the sibling reads of a failed orbax restore: raised once
     noisy = ("/orbax/", "/tensorflow_datasets/")
-    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in noisy)
+    if any(n in record.pathname for n in noisy):
+        if record.levelno < logging_std.WARNING or "is read only" in str(record.msg):
+            return False  # (sampling and evaluation open the checkpoints read-only on purpose)
+        record.exc_info = record.exc_text = None
+    return True
+
+
+def _fail(message: str, code: int = 1):
+    """One line, no traceback: the message names the bad value and the fix."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _flag_value(argv: list[str], name: str) -> str:
+    """The value of --name in argv (the last one given, as absl takes it)."""
+    for i, arg in reversed(list(enumerate(argv))):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "?"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with the errors a user's --config can cause as one line each."""
+    try:
+        remaining = FLAGS(argv)
+        FLAGS.config.keys()  # ml_collections loads the config file lazily: here, not later
+        return remaining
+    except flags.Error as e:  # a missing flag, or a value of the wrong type
+        _fail(f"{e}. Fix: see --helpfull, or the field's comment in configs/default.py.")
+    except (KeyError, AttributeError) as e:  # ml_collections: an override names no field
+        inner = e.args[0] if e.args and isinstance(e.args[0], BaseException) else e
+        text = str(inner.args[0] if inner.args else inner)
+        field = text.splitlines()[0].strip("'\"") if text else "?"
+        guess = re.search(r'Did you mean "([^"]+)"', text)
+        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                     and field in a.split("=")[0].split(".")), "--config.?")
+        _fail(f"{flag}: the config has no field {field!r}"
+              + (f" (did you mean {guess.group(1)!r}?)" if guess else "")
+              + ". Fix: spell it as configs/default.py does.")
+    except SyntaxError as e:  # the config file is not Python
+        _fail(f"--config={_flag_value(argv, 'config')}: {e.filename}, line {e.lineno}: "
+              f"{e.msg}. Fix: correct the config file.")
+    except OSError as e:  # the config file cannot be read (ml_collections wraps the cause)
+        reason = re.search(r"\[Errno \d+\] ([^:'\n]+)", str(e))
+        _fail(f"--config={_flag_value(argv, 'config')} cannot be loaded: "
+              f"{reason.group(1) if reason else str(e).splitlines()[0]}. Fix: pass the path of "
+              f"a config file such as configs/mnist.py.")
+
+
+def _exit_stopped(stop: interrupts.Stopped):
+    """After a stop with nothing (more) to save: one line, then exit at once. os._exit, because
+    XLA may still be compiling in a worker thread (interrupts.run_interruptibly), and an
+    interpreter shutdown under it aborts."""
+    training = FLAGS.mode in TRAINING_MODES
+    print(f"{stop.signal_name} received: stopped "
+          + ("before this run's first step: nothing new to save." if training
+             else f"--mode={FLAGS.mode} did not finish."), file=sys.stderr)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if training else 128 + stop.signum)
 
 
 def main(argv):
     del argv
+    try:
+        with interrupts.handled():  # a stop received since start-up raises here
+            _main()
+    except interrupts.Stopped as stop:
+        _exit_stopped(stop)
+
+
+def _main():
     # Before jax's first computation (cpu_runtime.py); processes of a multihost run keep XLA's
     # device count, so that processes sharing a machine do not each split it.
     cpu_runtime.configure(split_cpu=not FLAGS.multihost)
@@ -78,13 +163,9 @@ def main(argv):
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)
     try:
         MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
-    except (config_lib.ConfigError, input_pipeline.DatasetNotAvailableError,
-            train_lib.NonFiniteLossError, FileNotFoundError) as e:
-        # The message already names the bad value and the fix; a traceback would bury it.
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except UserError as e:  # the message names the bad value and the fix: no traceback
+        _fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

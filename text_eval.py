@@ -45,6 +45,9 @@ def text_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"data.name={config.data.name!r}, eval.feature_net={config.eval.feature_net!r}. "
             f"Fix: use it on a model of configs/mnist_text.py or configs/mnist.py.")
     s, e = config.sample, config.eval
+    if e.text_num_prompts < 2:
+        raise config_lib.ConfigError(f"eval.text_num_prompts={e.text_num_prompts} must be >= 2 "
+                                     f"(90 covers every meaning once). Fix: e.g. 450.")
     model, params, step = train_lib.restore_params(config, workdir, use_ema=s.use_ema)
     if not (text_conditioning.text_fields(model) or model.num_classes):
         raise config_lib.ConfigError(

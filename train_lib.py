@@ -15,7 +15,6 @@ Invariants that make runs reproducible and resumable:
 """
 
 import functools
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -30,17 +29,21 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import checkpointing
+import config_compat
 import config_lib
 import input_pipeline
+import interrupts
 import metric_logging
 import sampling_lib
 import text_conditioning
+import workdir_lock
 from diffusion import gaussian, losses, schedules
+from errors import UserError
 from evaluation.evaluator import PeriodicEvaluator
 from models import UNet, conditioning
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss or gradient became NaN/Inf; the last good checkpoint is left untouched."""
 
 
@@ -169,30 +172,6 @@ def train_steps(state: TrainState, batches: dict[str, jax.Array], **kwargs):
 
 # --- the loop ------------------------------------------------------------------------------------
 
-class _Preemption:
-    """Remembers a SIGTERM so the loop can save and exit cleanly at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM received: saving a checkpoint, then exiting.")
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-    def any_process(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray(self.requested))
-        return bool(np.any(flags))
-
-
 def global_batches(source, config, step: int, k: int, sharding: NamedSharding, *,
                    batch_size: int, transform: Callable[..., Any] | None = None) -> Any:
     """K consecutive global batches as global arrays [K, B, ...], this process's rows local.
@@ -229,23 +208,44 @@ def diffusion_batch(model: UNet, text, batch: dict[str, np.ndarray], *, seed: in
     return {"image": batch["image"], "cond": cond}
 
 
-def check_finite(history: list[tuple[int, dict]]) -> None:
-    """history: (first step, metrics with a leading [K] axis) per dispatch, on the host."""
+def check_finite(history: list[tuple[int, dict]], last_checkpoint: int | None = None) -> None:
+    """history: (first step, metrics with a leading [K] axis) per dispatch, on the host;
+    last_checkpoint: the step of the newest checkpoint (None: none saved yet)."""
     for first_step, metrics in history:
         for name in ("loss", "grad_norm"):
             bad = np.flatnonzero(~np.isfinite(metrics[name]))
             if bad.size:
+                kept = (f"The last checkpoint before it (step {last_checkpoint}) is intact"
+                        if last_checkpoint is not None else "No checkpoint was saved before it")
                 raise NonFiniteLossError(
                     f"train/{name} is {metrics[name][bad[0]]} at step {first_step + bad[0] + 1}; "
-                    f"stopping. The last "
-                    f"checkpoint before it is intact. Fix: lower --config.optim.lr, or check "
-                    f"the data (NaN pixels?).")
+                    f"stopping. {kept}. Fix: lower --config.optim.lr, or check the data (NaN "
+                    f"pixels?).")
+
+
+def checkpoint_meta(config: ml_collections.ConfigDict, step: int) -> dict:
+    """The meta item saved with the state at `step` (checkpointing adds the arrays' digest)."""
+    return {"step": step, "examples_seen": step * config.train.batch_size,
+            "config": checkpointing.config_to_json(config)}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (or resumes) in `workdir` until config.train.num_steps; returns the final state."""
-    # Validate everything and open the data before anything is compiled.
-    config_lib.validate(config, num_devices=jax.device_count())
+    """Trains (or resumes) in `workdir` until config.train.num_steps; returns the final state.
+
+    Before anything is built: the config is validated, the workdir locked (one training per
+    workdir: workdir_lock.py) and the config compared with the one the latest checkpoint was
+    trained with (config_compat.py). SIGTERM and SIGINT: interrupts.py.
+    """
+    with interrupts.handled():
+        config_lib.validate(config, num_devices=jax.device_count())
+        with workdir_lock.hold(workdir):
+            config_compat.check_resume(config, workdir)
+            return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """`train` with the config validated and checked, and the workdir locked."""
+    # Open the data before anything is compiled.
     source = input_pipeline.load(config.data.name, config.data.split, config.data.data_dir)
     input_pipeline.check_shape(source, config.data.image_size, config.data.num_channels,
                                config.data.name)
@@ -273,18 +273,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     init_fn = functools.partial(init_state, model, optimizer, image_shape=image_shape,
                                 null=null)
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=tr.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, abstract_state(init_fn, init_key, replicated))
+    # The newest checkpoint that restores; damaged newer ones are moved aside (checkpointing).
+    restored = ckpt.restore_newest_intact(abstract_state(init_fn, init_key, replicated))
+    if restored is not None:
+        state, meta, latest = restored
         expected = latest * tr.batch_size
         if meta.get("examples_seen") != expected:
-            raise ValueError(
+            raise config_compat.ConfigMismatchError(
                 f"Checkpoint {latest} in {ckpt.directory} saw {meta.get('examples_seen')} "
                 f"examples but train.batch_size={tr.batch_size} implies {expected}. Fix: resume "
                 f"with the batch size it was trained with, or use a new --workdir.")
         logging.info("Resumed from step %d in %s.", latest, ckpt.directory)
     else:
-        state = jax.jit(init_fn, out_shardings=replicated)(init_key)
+        state = interrupts.run_interruptibly(
+            lambda: jax.jit(init_fn, out_shardings=replicated)(init_key))
     start_step = int(jax.device_get(state.step))
 
     def diffusion_loss(params, batch, key):
@@ -297,6 +299,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         in_shardings=(replicated, batch_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=0)
+    if start_step < tr.num_steps:
+        # Compiled in a worker thread, so that a SIGTERM or Ctrl-C meanwhile stops the run at
+        # once (interrupts.py): the state is still the restored checkpoint, nothing is lost.
+        logging.info("Compiling the train step.")
+        example = global_batches(source, config, start_step, k, batch_sharding,
+                                 batch_size=tr.batch_size)
+        update = interrupts.run_interruptibly(update.lower(state, example).compile)
 
     sampler = None
     if tr.sample_every:
@@ -309,13 +318,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     writer = metric_logging.Writer(workdir, enabled=jax.process_index() == 0)
     if start_step == 0:
-        writer.hparams(dict(_flatten(config.to_dict())), checkpointing.config_to_json(config))
+        writer.hparams(config_compat.flatten(config.to_dict()),
+                       checkpointing.config_to_json(config))
     progress = metric_logging.Progress(start_step, tr.num_steps, tr.batch_size)
-    preemption = _Preemption()
-
-    def meta(step: int) -> dict:
-        return {"step": step, "examples_seen": step * tr.batch_size,
-                "config": checkpointing.config_to_json(config)}
+    preemption = interrupts.STOP
+    preemption.defer()  # from here a stop saves at the next step boundary
 
     history: list[tuple[int, Any]] = []  # (first step, device metrics) not yet checked
     step = start_step
@@ -335,41 +342,35 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             if step % tr.log_every == 0 or save:
                 fetched = jax.device_get(history)
                 history = []
-                check_finite(fetched)  # before any save: a NaN state is never checkpointed
+                check_finite(fetched, ckpt.latest_step())  # before any save: no NaN state
                 last = {f"train/{n}": float(v[-1]) for n, v in fetched[-1][1].items()}
                 rates = progress.update(step)
                 writer.scalars(step, {**last, **{f"train/{n}": v for n, v in rates.items()
                                                  if n != "eta_sec"}})
                 logging.info(progress.line(step, {"loss": last["train/loss"]}, rates))
             if save:
-                ckpt.save(step, state, meta(step), force=True)
+                ckpt.save(step, state, checkpoint_meta(config, step), force=True)
             if sampler and step % tr.sample_every == 0:
                 grid = sampler.grid(state.ema_params, seed=step)
                 writer.image(step, "samples/ema", grid)
             if evaluator and evaluator.due(step):
                 writer.scalars(step, evaluator(step, state.ema_params))
             if stop:
-                logging.info("Preempted: saved step %d; exiting cleanly.", step)
+                logging.info("Preempted: saved step %d; exiting cleanly (%s).", step,
+                             preemption.signal_name or "stop signal on another process")
                 break
     finally:
         ckpt.wait_until_finished()
         ckpt.close()
         writer.close()
-        preemption.restore()
     return state
-
-
-def _flatten(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, *,
                    use_ema: bool = True) -> tuple[UNet, Any, int]:
-    """(model, replicated params, step) of the latest checkpoint in workdir, for sampling/eval."""
+    """(model, replicated params, step) of the newest checkpoint in workdir that restores, for
+    sampling/eval; the model has the settings it was trained with (config_compat)."""
+    config = config_compat.trained_config(config, workdir)
     config_lib.validate(config, num_devices=jax.device_count())
     model = create_model(config)
     replicated = NamedSharding(make_mesh(), P())

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from errors import MissingFileError
+
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.npz"
 DEFAULT_WEIGHTS = os.path.join("~", ".cache", "ddpm_jax", WEIGHTS_FILE)
 SOURCE_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -280,7 +282,7 @@ def load_variables(path: str = DEFAULT_WEIGHTS) -> dict:
     """Flax variables {"params", "batch_stats"} from the converted .npz (no pickles)."""
     path = os.path.expanduser(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"InceptionV3 FID weights not found at {path}. Fix: download {SOURCE_FILE} from "
             f"{SOURCE_URL} and convert it once with `python -m evaluation.convert_inception "
             f"{SOURCE_FILE} {path}` (needs torch), or set --config.eval.inception_weights to "

@@ -35,6 +35,7 @@ import optax
 from flax import serialization
 
 import input_pipeline
+from errors import MissingFileError
 
 WEIGHTS_PATH = pathlib.Path(__file__).with_name("mnist_classifier.msgpack")
 IMAGE_SHAPE = (28, 28, 1)
@@ -81,7 +82,7 @@ def load_classifier(path: str | pathlib.Path = WEIGHTS_PATH) -> tuple[Callable, 
     """
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"MNIST classifier weights {path} not found. Fix: restore it from the repository "
             f"(`git checkout -- {path.name}`) or retrain with "
             f"`python -m evaluation.mnist_classifier --train`.")

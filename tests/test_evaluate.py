@@ -103,4 +103,4 @@ def test_config_validation_names_the_field_and_the_fix(field, value, needle):
     config = cifar.get_config()
     config.eval[field] = value
     with pytest.raises(config_lib.ConfigError, match=needle.replace("(", r"\(")):
-        config_lib.validate(config, num_devices=8)
+        config_lib.validate(config, num_devices=8, evaluating=True)

@@ -5,23 +5,23 @@ processes; the tiny config keeps each to seconds.
 """
 
 import os
-import pathlib
 import signal
 import socket
 import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from cli_runs import REPO
+from cli_runs import cli as _cli
+from cli_runs import env as _env
+from cli_runs import run as _run
+from cli_runs import wait_for_checkpoint as _wait_for_checkpoint
 
 import generate
 import train_lib
 from configs import tiny
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # 8 devices vs 1 reorders the reductions of the batch mean and of the cross-device gradient sum:
 # float32 round-off of a few ulps per step, amplified by Adam's normalisation over 12 steps.
@@ -29,34 +29,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # O(0.1)) leaves margin, while a real divergence (another batch, key or data shard) moves
 # parameters by ~1e-3 per step.
 DEVICE_TOLERANCE = 1e-4
-
-
-# The runs below compile the same tiny train step many times; a persistent compilation cache
-# shared by the subprocesses of one session compiles it once per device count.
-_CACHE = pathlib.Path(os.environ.get("DDPM_TEST_CACHE", "/tmp/ddpm_jax_test_compile_cache"))
-
-
-def _env(num_devices: int) -> dict:
-    env = dict(os.environ)
-    env["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _cli(workdir, *overrides, num_devices=8, mode="train"):
-    return [sys.executable, str(REPO / "main.py"), f"--config={REPO / 'configs/tiny.py'}",
-            f"--workdir={workdir}", f"--mode={mode}", *overrides]
-
-
-def _run(workdir, *overrides, num_devices=8, mode="train", timeout=240):
-    proc = subprocess.run(_cli(workdir, *overrides, mode=mode), env=_env(num_devices), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def _config(**train_overrides):
@@ -143,20 +115,6 @@ def test_two_processes_equal_one_process(reference_run, tmp_path):
     _, params_2p = _params(tmp_path, config)
     _, params_1p = _params(reference_run[0], config)
     assert _max_abs_diff(params_2p, params_1p) < DEVICE_TOLERANCE
-
-
-def _wait_for_checkpoint(workdir, proc, min_step: int, timeout: float = 240.0) -> int:
-    """Polls until a finished checkpoint >= min_step exists; returns its step."""
-    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        steps = [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()]
-        done = [s for s in steps if s >= min_step]
-        if done:
-            return max(done)
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.01)
-    raise TimeoutError("no checkpoint appeared")
 
 
 def test_sigkill_then_resume_is_bit_identical(reference_run, tmp_path):
