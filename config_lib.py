@@ -22,7 +22,7 @@ from input_pipeline import MNIST_5K, MNIST_5K_SPLITS
 # Legal values are defined once, in the lowest module that needs them, and imported here.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_CONDITIONS = ("label", "null")
-TEXT_ENCODERS = ("", "minilm", "clip")
+TEXT_ENCODERS = ("", "minilm", "clip", "precomputed")
 TEXT_CONDITIONINGS = ("pooled", "cross_attention", "both")
 CAPTIONS = ("", "digits")
 
@@ -263,7 +263,10 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
              f"model.text_encoder={m.text_encoder!r} needs captions, but data.captions='' "
              f"(data.name={data.name!r} has none configured). Fix: "
              f"--config.data.captions=digits with data.name=mnist_5k.")
-    limit = 77 if m.text_encoder == "clip" else 512
+    _require(m.text_encoder != "precomputed" or bool(m.text_weights),
+             "model.text_encoder='precomputed' reads the embeddings from a file. Fix: "
+             "--config.model.text_weights=PATH.npz (text/precomputed.py says what it holds).")
+    limit = {"clip": 77, "precomputed": 1 << 16}.get(m.text_encoder, 512)
     _require(2 <= m.text_max_length <= limit,
              f"model.text_max_length={m.text_max_length} must be in [2, {limit}] for "
              f"model.text_encoder={m.text_encoder!r}.")

@@ -38,7 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_classes = 0          # 0 = unconditional; else labels 0..n-1 plus a null label n
     # Text to image: a frozen text encoder's output conditions the UNet (text/encoders.py).
     model.text_encoder = ""        # "" = no text | "minilm" (offline) | "clip" (converted weights)
-    model.text_weights = ""        # "" = the default files; clip: the .npz of text.convert_clip
+    #                                | "precomputed" (embeddings from a file: text/precomputed.py)
+    model.text_weights = ""        # "" = default files; clip: text.convert_clip's .npz;
+    #                                precomputed: the embeddings .npz
     model.text_max_length = 24     # tokens per caption; longer ones are cut, with a warning
     model.text_conditioning = "cross_attention"  # "pooled" (added to the time embedding) |
     #                                "cross_attention" (to the token states) | "both"

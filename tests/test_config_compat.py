@@ -96,11 +96,11 @@ def test_free_changes_are_allowed_and_logged(trained, caplog):
 
 def test_a_field_missing_from_an_old_checkpoint_counts_as_its_default():
     stored = config_compat.flatten(json.loads(checkpointing.config_to_json(tiny_config())))
-    del stored["model.cond_dim"]  # as if saved before the field existed (default 0)
+    del stored["model.num_heads"]  # as if saved before the field existed (default 4)
     assert config_compat.differences(stored, tiny_config(), DIFFUSION_RULES) == ([], [])
-    pinned, _ = config_compat.differences(stored, tiny_config(**{"model.cond_dim": 4}),
+    pinned, _ = config_compat.differences(stored, tiny_config(**{"model.num_heads": 2}),
                                           DIFFUSION_RULES)
-    assert pinned == [("model.cond_dim", 0, 4)]
+    assert pinned == [("model.num_heads", 4, 2)]
 
 
 def test_sampling_uses_the_stored_model_and_diffusion_settings(trained, caplog):

@@ -349,3 +349,30 @@ def test_prompts_need_a_text_model():
         config_lib.validate(config, num_devices=jax.device_count())
     assert text_conditioning.text_fields(train_lib.create_model(_text_config())) == (
         "tokens", "mask")
+
+
+def test_precomputed_embeddings_train_and_sample(tmp_path):
+    """model.text_encoder='precomputed': embeddings made elsewhere (here: the fake encoder) for
+    every caption, prompt and "" train and sample like any encoder; a prompt missing from the
+    file stops with the fix, before sampling."""
+    import generate
+
+    texts = ["", *digit_captions.caption_vocabulary("train"), "a seven"]
+    arrays = _fake_encode(_FakeEncoder(), texts)
+    path = tmp_path / "embeddings.npz"
+    np.savez(path, texts=np.asarray(texts), **arrays)
+    config = _text_config()
+    config.model.text_encoder = "precomputed"
+    config.model.text_weights = str(path)
+    config.model.text_max_length = _FakeEncoder.max_length
+    config.model.text_conditioning = "both"
+    config.train.num_steps = 2
+    state = train_lib.train(config, str(tmp_path / "w"))
+    assert int(state.step) == 2
+    assert {"cond_proj", "mid_cross_attn_1"} <= set(state.params)
+    config.sample.prompt = "a seven"
+    paths = generate.generate(config, str(tmp_path / "w"))
+    assert list(np.load(paths["npz"])["prompts"]) == ["a seven"] * 16
+    config.sample.prompt = "a prompt nobody embedded"
+    with pytest.raises(UserError, match="not in .*embeddings.npz.*Fix"):
+        generate.generate(config, str(tmp_path / "w"))

