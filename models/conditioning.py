@@ -11,7 +11,7 @@ It travels unchanged from the batch through the loss, the model, the guided mode
 samplers and the evaluators; nothing else carries a condition.
 
 The null condition ∅ of classifier-free guidance has the same fields without the batch axis: the
-null label, and the encoder's output for the empty caption (`null_text`). One function,
+null label, and the encoder's output for the empty caption (`null_cond`). One function,
 `drop_cond(cond, keep, null)`, replaces the rows where `keep` is False by ∅; classifier-free
 training (keep ~ Bernoulli(1 − p_uncond)) and the unconditional branch at sampling (keep = False)
 both go through it, so the model is trained on exactly the ∅ it is guided with.
@@ -25,7 +25,6 @@ import numpy as np
 
 Cond = dict[str, jax.Array]   # batched, as above
 TEXT_FIELDS = ("tokens", "mask", "pooled")
-FIELDS = ("label", *TEXT_FIELDS)
 
 
 def null_cond(num_classes: int = 0, text: Mapping[str, np.ndarray] | None = None) -> dict:
@@ -65,15 +64,6 @@ def select(cond: Mapping[str, jax.Array] | None, fields: tuple[str, ...]) -> Con
     """The fields of cond a model reads (e.g. `UNet.cond_fields`): a request may carry more, such
     as the labels that only a classifier's guidance uses."""
     return {name: cond[name] for name in fields if cond and name in cond}
-
-
-def batch_size(cond: Mapping[str, np.ndarray]) -> int | None:
-    """The common leading size of cond's fields (None for an empty cond)."""
-    sizes = {np.shape(v)[0] for v in cond.values()}
-    if len(sizes) > 1:
-        raise ValueError(f"cond fields have different batch sizes: "
-                         f"{ {k: np.shape(v) for k, v in cond.items()} }")
-    return sizes.pop() if sizes else None
 
 
 def take(cond: Mapping[str, np.ndarray], rows) -> dict[str, np.ndarray]:
