@@ -26,13 +26,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import classifier_training
-import config_lib
 import evaluate
 import figures
 import generate
-import input_pipeline
 import text_eval
 import train_lib
+from errors import UserError
 
 # --mode -> what it runs, each called as fn(config, workdir).
 MODES = {
@@ -78,8 +77,7 @@ def main(argv):
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)
     try:
         MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
-    except (config_lib.ConfigError, input_pipeline.DatasetNotAvailableError,
-            train_lib.NonFiniteLossError, FileNotFoundError) as e:
+    except (UserError, train_lib.NonFiniteLossError, FileNotFoundError) as e:
         # The message already names the bad value and the fix; a traceback would bury it.
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
