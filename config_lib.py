@@ -192,6 +192,7 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     _require(data.decode_threads >= 0,
              f"data.decode_threads={data.decode_threads} must be >= 0 (0 = one per CPU core).")
     _require(data.prefetch >= 0, f"data.prefetch={data.prefetch} must be >= 0 (0 = off).")
+    _require(data.cache_mb >= 0, f"data.cache_mb={data.cache_mb} must be >= 0 (0 = off).")
     if data.name == FOLDER:
         _require(bool(data.path), "data.name='folder' reads data.path, which is empty. Fix: "
                  "--config.data.path=DIR, a folder of images.")

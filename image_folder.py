@@ -112,8 +112,9 @@ class FolderSource(DecodingSource):
     """Random access to the images of a folder (module doc), decoded and fitted on read."""
 
     def __init__(self, root: str, spec: ImageSpec, *, labels: str = "none",
-                 on_bad_image: str = "skip", captions: bool = False, threads: int = 0):
-        super().__init__(threads)
+                 on_bad_image: str = "skip", captions: bool = False, threads: int = 0,
+                 cache_mb: int = 0):
+        super().__init__(threads, cache_mb)
         self.root, self.spec, self.on_bad_image = os.path.expanduser(root), spec, on_bad_image
         if not os.path.isdir(self.root):
             raise ImageFolderError(f"data.path={root!r} is not a folder. Fix: "
@@ -170,8 +171,8 @@ class FolderSource(DecodingSource):
             try:
                 with open(os.path.join(self.root, self.files[i]), "rb") as f:
                     out.append(f.read())
-            except OSError:
-                out.append(b"")  # unreadable: fails to decode, and is handled as a bad file
+            except OSError as e:
+                out.append(e)  # images.fit raises it: handled as an unreadable file
         return out, self.labels[np.asarray(indices, np.int64)]
 
     def label_map(self) -> dict[str, int]:

@@ -95,15 +95,17 @@ class ArraySource:
 class TfdsSource(DecodingSource):
     """A prepared tfds dataset read through `tfds.data_source` (random access, no TensorFlow).
 
-    tfds decodes each record (with Pillow, on the thread pool of `DecodingSource.read`), then
-    `images.fit` resizes, crops and converts it. (Leaving the image encoded for `images.fit`,
-    with `tfds.decode.SkipDecoding()`, would need TensorFlow under `tfds.testing.mock_data`.)"""
+    raw: the same records as serialized tf.Examples (`tfds.data_source(...,
+    deserialize_method=RAW_BYTES)`, `open_raw_records`). With it, records are read in batches
+    and the encoded image goes straight to `images.fit` (~2x faster than tfds' own decoding,
+    and JPEGs decode at a reduced scale); without it (`tfds.testing.mock_data`, which needs
+    TensorFlow to encode), tfds decodes each record and `images.fit` resizes the array."""
 
     def __init__(self, data_source, spec: ImageSpec | None = None, *, name: str = "",
-                 on_bad_image: str = "skip", threads: int = 0, image_key: str = "image",
-                 label_key: str = "label"):
-        super().__init__(threads)
-        self._ds = data_source
+                 raw=None, on_bad_image: str = "skip", threads: int = 0, cache_mb: int = 0,
+                 image_key: str = "image", label_key: str = "label"):
+        super().__init__(threads, cache_mb)
+        self._ds, self._raw = data_source, raw
         self._name = name
         self._image_key = image_key
         self._label_key = label_key
@@ -124,6 +126,12 @@ class TfdsSource(DecodingSource):
         return f"record {index} of tfds dataset {self._name!r}"
 
     def payloads(self, indices: Sequence[int]) -> tuple[list, np.ndarray]:
+        if self._raw is not None:
+            features = _example_features(self._raw.__getitems__([int(i) for i in indices]))
+            labels = [f[self._label_key].int64_list.value[0] if self._label_key in f else 0
+                      for f in features]
+            return [f[self._image_key].bytes_list.value[0] for f in features], np.asarray(
+                labels, np.int32)
         records = [self._ds[int(i)] for i in indices]  # (mock_data has no __getitems__)
         images = [np.asarray(r[self._image_key], np.uint8) for r in records]
         return images, np.asarray([r.get(self._label_key, 0) for r in records], np.int32)
@@ -131,15 +139,46 @@ class TfdsSource(DecodingSource):
     def texts(self, key: str) -> list[str]:
         """The text feature `key` of every example (data.caption_key), in index order."""
         out = []
-        for i in range(len(self)):
-            record = self._ds[i]
-            if key not in record:
-                raise UserError(
-                    f"data.caption_key={key!r} is not a feature of tfds dataset {self._name!r} "
-                    f"(it has {sorted(record)}). Fix: name its text feature.")
-            value = record[key]
-            out.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+        for start in range(0, len(self), 4096):
+            indices = list(range(start, min(start + 4096, len(self))))
+            if self._raw is not None:
+                records = [{k: v.bytes_list.value[0] for k, v in f.items() if k == key}
+                           for f in _example_features(self._raw.__getitems__(indices))]
+            else:
+                records = [self._ds[i] for i in indices]
+            for record in records:
+                if key not in record:
+                    raise UserError(
+                        f"data.caption_key={key!r} is not a text feature of tfds dataset "
+                        f"{self._name!r} (features: {sorted(self._ds.dataset_info.features)})."
+                        f" Fix: name its text feature.")
+                value = record[key]
+                out.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
         return out
+
+
+def _example_features(records: Sequence[bytes]) -> list:
+    """The feature maps of serialized tf.Examples (tfds' own numpy-only copy of the proto)."""
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    return [tf_example_pb2.Example.FromString(r).features.feature for r in records]
+
+
+def open_raw_records(name: str, split: str, data_dir: str | None, image_key: str = "image"):
+    """The records of a tfds dataset (opened once already) as serialized tf.Examples, or None
+    when its image is not an encoded `tfds.features.Image` or the records cannot be read raw
+    (`tfds.testing.mock_data` makes them with TensorFlow)."""
+    import tensorflow_datasets as tfds
+
+    raw = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+                           deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    if not isinstance(raw.dataset_info.features[image_key], tfds.features.Image):
+        return None
+    try:
+        features = _example_features([raw[0]])[0]
+    except ImportError:  # mock_data: "No module named 'tensorflow'"
+        return None
+    return raw if features[image_key].bytes_list.value else None
 
 
 def mnist_5k_path() -> str:
@@ -174,7 +213,7 @@ def load_mnist_5k(split: str) -> ArraySource:
 def load_tfds(name: str, split: str, data_dir: str | None = None, **source_kwargs) -> TfdsSource:
     """A prepared tfds dataset. Fails at once, with the fix, when it is not prepared.
 
-    source_kwargs: TfdsSource's (spec, on_bad_image, threads)."""
+    source_kwargs: TfdsSource's (spec, on_bad_image, threads, cache_mb)."""
     import tensorflow_datasets as tfds  # imported here: mnist_5k users never pay for it
 
     try:
@@ -194,7 +233,8 @@ def load_tfds(name: str, split: str, data_dir: str | None = None, **source_kwarg
             f"run `tfds build {name} --file_format=array_record"
             f"{' --data_dir=' + data_dir if data_dir else ''}`, then copy the data_dir here; or "
             f"train offline with --config.data.name=mnist_5k. (tfds said: {e})") from e
-    return TfdsSource(data_source, name=name, **source_kwargs)
+    return TfdsSource(data_source, name=name, raw=open_raw_records(name, split, data_dir),
+                      **source_kwargs)
 
 
 def load(name: str, split: str, data_dir: str | None = None) -> Source:
@@ -210,7 +250,8 @@ def from_config(data: ml_collections.ConfigDict, split: str) -> Source:
     if data.name == MNIST_5K:
         return load_mnist_5k(split)
     spec = ImageSpec(size=int(data.image_size), channels=int(data.num_channels))
-    common = dict(on_bad_image=str(data.on_bad_image), threads=int(data.decode_threads))
+    common = dict(on_bad_image=str(data.on_bad_image), threads=int(data.decode_threads),
+                  cache_mb=int(data.cache_mb))
     if data.name == image_folder.FOLDER:
         return image_folder.FolderSource(data.path, spec, labels=str(data.folder_labels),
                                          captions=data.captions == "dataset", **common)
@@ -241,9 +282,11 @@ def process_rows(batch_size: int, process_index: int, process_count: int) -> sli
 
 def preprocess(images: np.ndarray, flip: np.ndarray | None) -> np.ndarray:
     """uint8 [N, H, W, C] -> float32 in [-1, 1], horizontally flipped where `flip` [N] is True."""
-    x = images.astype(np.float32) / 127.5 - 1.0
-    if flip is not None:
-        x = np.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
+    x = images.astype(np.float32)
+    np.divide(x, 127.5, out=x)  # in place: x / 127.5 - 1 without two more batch-sized copies
+    np.subtract(x, 1.0, out=x)
+    if flip is not None and flip.any():
+        x[flip] = x[flip][:, :, ::-1]
     return x
 
 

@@ -21,6 +21,7 @@ import test_train
 from PIL import Image
 
 import config_lib
+import figures
 import image_folder
 import images
 import input_pipeline
@@ -190,6 +191,31 @@ def test_unreadable_image_stops_the_run_naming_the_file(folder):
     assert broken > 0
 
 
+def test_decoded_cache_serves_exactly_what_decoding_gives(folder):
+    cached = image_folder.FolderSource(str(folder), SPEC, labels="subdirs", cache_mb=64)
+    plain = image_folder.FolderSource(str(folder), SPEC, labels="subdirs")
+    good = np.asarray([i for i, f in enumerate(plain.files) if "broken" not in f])
+    crop = RNG.random(len(good))
+    first = cached.read(good, crop)
+    np.testing.assert_array_equal(first.images, plain.read(good, crop).images)
+    for path in folder.rglob("*"):  # from now on only the cache can answer
+        if path.suffix != ".txt" and path.is_file():
+            path.unlink()
+    again = cached.read(good, crop)
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(again.labels, first.labels)
+    assert cached.num_bad_images == 0
+    # A square image is the same at any crop position; a 40x30 one is not, and is decoded anew
+    # (here: its file is gone, so it is skipped, as is the 17x23 one after it; the square
+    # RGBA image after those comes from the cache).
+    square = plain.files.index("dog/2019/d.bmp")
+    np.testing.assert_array_equal(cached.read([square], [0.0]).images,
+                                  first.images[list(good).index(square)][None])
+    wide = plain.files.index("cat/a.png")
+    assert cached.read([wide], [0.0]).indices[0] == plain.files.index("cat/c_rgba.png")
+    assert cached.num_bad_images == 2
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda d: d.mkdir(), "holds no images"),
     (lambda d: (d.mkdir(), (d / "a.txt").write_text("x"), (d / "b.csv").write_text("y")),
@@ -289,10 +315,62 @@ def test_tfds_dataset_of_another_size_is_resized():
     config = default.get_config()
     config.data.name, config.data.image_size = "celeb_a", 64  # tfds celeb_a: 218 x 178
     with tfds.testing.mock_data(num_examples=8):
+        assert input_pipeline.open_raw_records("celeb_a", "train", None) is None  # needs TF
         source = input_pipeline.from_config(config.data, "train")
         batch = input_pipeline.get_batch(source, seed=0, step=0, batch_size=4, random_flip=True,
                                          random_crop=True)
     assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.float32
+
+
+class OddSizedImages(tfds.core.GeneratorBasedBuilder):
+    """A real ArrayRecord tfds dataset (PIL images: written without TensorFlow), 12 photos of
+    three sizes, one of them grey."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    SIZES = [(40, 30), (17, 23), (32, 32)]
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(num_classes=3), "caption": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(12):
+            yield i, {"image": Image.fromarray(odd_sized_image(i)).convert("RGB"),
+                      "label": i % 3, "caption": f"photo {i}"}
+
+
+def odd_sized_image(i: int) -> np.ndarray:
+    h, w = OddSizedImages.SIZES[i % 3]
+    return np.random.default_rng(i).integers(0, 256, (h, w) if i == 4 else (h, w, 3), np.uint8)
+
+
+def test_tfds_array_record_dataset_of_any_size_goes_through_fit(tmp_path):
+    OddSizedImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    config = default.get_config()
+    config.data.update(name="odd_sized_images", data_dir=str(tmp_path), image_size=16,
+                       captions="dataset", caption_key="caption")
+    # Read as serialized records, the encoded image straight into images.fit (the fast path).
+    assert input_pipeline.open_raw_records("odd_sized_images", "train", str(tmp_path))
+    source = input_pipeline.from_config(config.data, "train")
+    assert len(source) == 12
+    crop = np.linspace(0, 1, 12)
+    examples = source.read(np.arange(12), crop)
+    # tfds shuffles the records when it writes them: the caption says which example each is.
+    captions = text_conditioning.caption_source(config, source)
+    texts = [captions.vocabulary[c]
+             for c in captions.choose(np.arange(12), seed=0, step=0, rows=slice(None))]
+    written = [int(t.split()[1]) for t in texts]
+    assert sorted(written) == list(range(12))
+    # PNG is lossless: each record is exactly images.fit of the array that was written.
+    for j, i in enumerate(written):
+        want = images.fit(np.asarray(Image.fromarray(odd_sized_image(i)).convert("RGB")), SPEC,
+                          crop[j])
+        np.testing.assert_array_equal(examples.images[j], want)
+    np.testing.assert_array_equal(examples.labels, np.asarray(written) % 3)
 
 
 def test_prefetcher_returns_each_steps_value_and_raises_its_error():
@@ -370,6 +448,8 @@ def test_cli_trains_then_samples_on_a_folder(folder, tmp_path):
     workdir = tmp_path / "run"
     proc = test_train._run(workdir, *_folder_flags(folder), "--config.train.num_steps=4")
     assert "c_broken.jpg" in proc.stderr  # the skipped file is logged with its path
+    steps, counts = figures.read_scalars(str(workdir / "tensorboard"))["train/bad_images"]
+    assert list(steps) == [2, 4] and counts[-1] == 1  # ... and counted in TensorBoard
     assert json.loads((workdir / "label_map.json").read_text())["classes"] == {"cat": 0, "dog": 1}
     test_train._run(workdir, *_folder_flags(folder), mode="sample")
     data = np.load(next(workdir.glob("samples_*.npz")))
