@@ -102,6 +102,9 @@ def _decode(payload: bytes | np.ndarray | OSError,
 
 
 def _convert(image: Image.Image, channels: int) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (PNG): 65535 -> 255
+        grey = np.asarray(image, np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8))
     if _has_alpha(image):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)

@@ -105,6 +105,10 @@ class TfdsSource(DecodingSource):
                  raw=None, on_bad_image: str = "skip", threads: int = 0, cache_mb: int = 0,
                  image_key: str = "image", label_key: str = "label"):
         super().__init__(threads, cache_mb)
+        features = data_source.dataset_info.features
+        if image_key not in features:
+            raise UserError(f"tfds dataset {name!r} has no {image_key!r} feature (it has "
+                            f"{sorted(features)}). Fix: use an image dataset.")
         self._ds, self._raw = data_source, raw
         self._name = name
         self._image_key = image_key
@@ -172,7 +176,8 @@ def open_raw_records(name: str, split: str, data_dir: str | None, image_key: str
 
     raw = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
                            deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-    if not isinstance(raw.dataset_info.features[image_key], tfds.features.Image):
+    features = raw.dataset_info.features
+    if image_key not in features or not isinstance(features[image_key], tfds.features.Image):
         return None
     try:
         features = _example_features([raw[0]])[0]

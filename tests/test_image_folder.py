@@ -114,6 +114,11 @@ def test_fit_converts_channels():
     red[..., 0] = 255
     luma = images.fit(red, images.ImageSpec(16, 1))  # ITU-R 601: L = 0.299 R + ...
     assert luma.shape == (16, 16, 1) and int(luma[0, 0, 0]) == round(0.299 * 255)
+    deep = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)  # 16-bit grey PNG
+    buffer = io.BytesIO()
+    Image.fromarray(deep).save(buffer, "PNG")
+    np.testing.assert_array_equal(images.fit(buffer.getvalue(), images.ImageSpec(16, 1))[..., 0],
+                                  np.arange(256).reshape(16, 16))
 
 
 def test_fit_decodes_a_large_jpeg_at_a_reduced_scale_without_losing_quality():
