@@ -13,16 +13,18 @@ decode, resize/crop, flip, to float) on generated data, cached in --data:
              reduced-scale JPEG decode of images.fit).
 Each row is timed with 1 and 2 decode threads and through `input_pipeline.Prefetcher` (the
 trainer's path: one prefetch thread handing batches over, the decode pool behind it). With
---grain (needs `pip install --no-deps grain==0.2.18 portpicker`, not a project dependency) the
+--grain (needs grain: `pip install --no-deps --target /tmp/grain grain==0.2.18 portpicker`,
+then PYTHONPATH=/tmp/grain; it is not a project dependency) the
 same step-indexed batches also go through grain's `MapDataset.range(steps).map(batch_at)`
 with its thread pool (`to_iter_dataset(ReadOptions(num_threads=2))`) and its worker processes
 (`mp_prefetch(MultiprocessingOptions(num_workers=2))`), so its numbers compare like for like.
 The files are in the page cache after they are written: this measures decoding, not the disk.
 
 `trainer` runs the trainer's own update (`train_lib.train_steps` + `loss_fn`, jitted as
-`train_lib.train` jits it) on the cifar32 data, once with the batches of `global_batches` built
-by the Prefetcher while the device computes, once on one constant batch already on the devices,
-and prints the median step times and their ratio.
+`train_lib.train` jits it) on the cifar32 data: on one constant batch already on the devices,
+and on the batches of `global_batches` built by the Prefetcher while the device computes, from
+a source that decodes every image and from one whose cache holds them (after one epoch); the
+three alternate, and it prints the median step times and their ratios to the constant batch.
 """
 
 import argparse
@@ -209,7 +211,14 @@ def trainer(args, root: Path) -> None:
         config.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                             num_groups=8, dropout=0.1)
     config.train.batch_size = args.batch
-    source = input_pipeline.from_config(config.data, "train")
+    sources = {"decoding": dict(cache_mb=0), "cached": dict(cache_mb=4096)}
+    for name, fields in sources.items():
+        config.data.update(**fields)
+        sources[name] = input_pipeline.from_config(config.data, "train")
+    epoch = -(-len(sources["cached"]) // args.batch)
+    for step in range(epoch):  # one epoch fills the cache
+        input_pipeline.get_batch(sources["cached"], seed=0, step=step, batch_size=args.batch,
+                                 random_flip=True)
     mesh = train_lib.make_mesh()
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
     model = train_lib.create_model(config)
@@ -225,38 +234,47 @@ def trainer(args, root: Path) -> None:
         loss=lambda p, b, k: train_lib.loss_fn(p, model, schedule, diffusion, b, k)),
         in_shardings=(replicated, split), out_shardings=(replicated, replicated),
         donate_argnums=0)
-    batches_at = functools.partial(
-        train_lib.global_batches, source, config, k=1, sharding=split, batch_size=args.batch,
-        transform=functools.partial(train_lib.diffusion_batch, model, None, seed=0))
-    constant = batches_at(0)
+
+    def batches_at(source):  # the trainer's host -> device batches (train_lib.train)
+        return functools.partial(
+            train_lib.global_batches, source, config, k=1, sharding=split,
+            batch_size=args.batch,
+            transform=functools.partial(train_lib.diffusion_batch, model, None, seed=0))
+
+    constant = batches_at(sources["cached"])(0)
     state, _ = update(state, constant)  # compile
     jax.block_until_ready(state)
 
-    def timed(get) -> float:
+    def timed(get, steps) -> float:
         nonlocal state
         times = []
-        for step in range(args.steps):
+        for step in steps:
             start = time.perf_counter()
             state, metrics = update(state, get(step))
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
         return statistics.median(times[2:])
 
-    results = {"constant": [], "loaded": []}
-    for _ in range(args.reps):  # interleaved, so both see the same machine load
-        results["constant"].append(timed(lambda step: constant))
-        loader = input_pipeline.Prefetcher(batches_at, range(args.steps), depth=2)
-        results["loaded"].append(timed(loader.get))
-        loader.close()
-    const, loaded = (statistics.median(results[k]) for k in ("constant", "loaded"))
+    results = {"constant": [], "decoding": [], "cached": []}
+    first = epoch  # decoding reads new steps each time; the cached source has seen them all
+    for _ in range(args.reps):  # interleaved, so all three see the same machine load
+        steps = range(first, first + args.steps)
+        results["constant"].append(timed(lambda step: constant, steps))
+        for name in ("decoding", "cached"):
+            loader = input_pipeline.Prefetcher(batches_at(sources[name]), steps, depth=2)
+            results[name].append(timed(loader.get, steps))
+            loader.close()
+        first += args.steps
+    medians = {k: statistics.median(v) for k, v in results.items()}
     print(f"model {args.model} ({sum(x.size for x in jax.tree.leaves(state.params)):,} params), "
           f"batch {args.batch}, {jax.device_count()} devices; median ms/step of {args.reps} "
-          f"interleaved runs of {args.steps} steps:")
-    print(f"  constant batch on the devices: {1e3 * const:.1f} ms  (runs: "
-          f"{', '.join(f'{1e3 * t:.1f}' for t in results['constant'])})")
-    print(f"  real loading (Prefetcher):     {1e3 * loaded:.1f} ms  (runs: "
-          f"{', '.join(f'{1e3 * t:.1f}' for t in results['loaded'])})")
-    print(f"  ratio {loaded / const:.3f}")
+          f"interleaved runs of {args.steps} steps (each the median of its steps):")
+    for name, what in (("constant", "constant batch on the devices"),
+                       ("decoding", "loading, every image decoded"),
+                       ("cached", "loading, decoded images cached")):
+        runs = ", ".join(f"{1e3 * t:.1f}" for t in results[name])
+        ratio = medians[name] / medians["constant"]
+        print(f"  {what:<32}{1e3 * medians[name]:8.1f} ms  x{ratio:.3f}  (runs: {runs})")
 
 
 def main():

@@ -327,6 +327,16 @@ def test_tfds_dataset_of_another_size_is_resized():
     assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.float32
 
 
+def test_unprepared_tfds_dataset_fails_with_the_fix_through_from_config(tmp_path):
+    """The trainer's path (from_config, then the raw records) still stops at tfds' first open:
+    test_input_pipeline times it."""
+    config = default.get_config()
+    config.data.update(name="celeb_a", data_dir=str(tmp_path), image_size=64)
+    with pytest.raises(input_pipeline.DatasetNotAvailableError,
+                       match=r"not prepared .* Fix: .*tfds build celeb_a"):
+        input_pipeline.from_config(config.data, "train")
+
+
 class OddSizedImages(tfds.core.GeneratorBasedBuilder):
     """A real ArrayRecord tfds dataset (PIL images: written without TensorFlow), 12 photos of
     three sizes, one of them grey."""
