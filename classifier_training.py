@@ -89,7 +89,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> train_l
 
 def _train_classifier(config: ml_collections.ConfigDict,
                       directory: str) -> train_lib.TrainState:
-    source = input_pipeline.load(config.data.name, config.data.split, config.data.data_dir)
+    source = input_pipeline.from_config(config.data, config.data.split)
     input_pipeline.check_shape(source, config.data.image_size, config.data.num_channels,
                                config.data.name)
     c = config.classifier
@@ -175,7 +175,7 @@ def _train_classifier(config: ml_collections.ConfigDict,
 def evaluate(config: ml_collections.ConfigDict, model: NoisyClassifier, params: Any,
              schedule: schedules.Schedule, max_examples: int = 1000) -> dict[str, float]:
     """Accuracy on up to max_examples of data.eval_split, noised to t = 0, T/4, T/2, 3T/4."""
-    source = input_pipeline.load(config.data.name, config.data.eval_split, config.data.data_dir)
+    source = input_pipeline.from_config(config.data, config.data.eval_split)
     images, labels = source.get(np.arange(min(len(source), max_examples)))
     b = config.classifier.batch_size
     x0 = input_pipeline.preprocess(np.resize(images, (-(-len(images) // b) * b, *images.shape[1:])),

@@ -17,6 +17,8 @@ from diffusion.samplers import SAMPLERS
 from diffusion.schedules import SCHEDULES, T_SPACINGS
 from errors import UserError
 from evaluation import FEATURE_NETS
+from image_folder import FOLDER, FOLDER_LABELS
+from images import CHANNELS, CROPS, ON_BAD_IMAGE
 from input_pipeline import MNIST_5K, MNIST_5K_SPLITS
 
 # Legal values are defined once, in the lowest module that needs them, and imported here.
@@ -24,7 +26,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_CONDITIONS = ("label", "null")
 TEXT_ENCODERS = ("", "minilm", "clip", "precomputed")
 TEXT_CONDITIONINGS = ("pooled", "cross_attention", "both")
-CAPTIONS = ("", "digits")
+CAPTIONS = ("", "digits", "dataset")
 
 
 class ConfigError(UserError, ValueError):
@@ -102,14 +104,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     _require(isinstance(config.seed, int) and config.seed >= 0,
              f"seed={config.seed} must be a non-negative integer (it seeds the data order and "
              f"every key). Fix: e.g. --config.seed=0.")
-    _require(bool(config.data.name), "data.name is empty. Fix: --config.data.name=mnist_5k "
-             "(offline) or a tensorflow-datasets name such as cifar10.")
-    if config.data.name == MNIST_5K:
-        _require((config.data.image_size, config.data.num_channels) == (28, 1),
-                 f"data.name='mnist_5k' has 28x28x1 images, but data.image_size="
-                 f"{config.data.image_size}, data.num_channels={config.data.num_channels}. "
-                 f"Fix: --config.data.image_size=28 --config.data.num_channels=1.")
-        _mnist_5k_split(config.data.split, "data.split")
+    _validate_data(config)
 
     _one_of(d.schedule, SCHEDULES, "diffusion.schedule")
     _require(d.num_timesteps >= 2, f"diffusion.num_timesteps={d.num_timesteps} must be >= 2.")
@@ -197,6 +192,42 @@ def _mnist_5k_split(split: str, field: str) -> None:
              f"{field}={split!r} is not a split of mnist_5k. Fix: use one of {MNIST_5K_SPLITS}.")
 
 
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+    """config.data: the source, its preprocessing and the folder-only fields."""
+    data = config.data
+    _require(bool(data.name), "data.name is empty. Fix: --config.data.name=mnist_5k "
+             "(offline), folder (with data.path) or a tensorflow-datasets name such as cifar10.")
+    if data.name == MNIST_5K:
+        _require((data.image_size, data.num_channels) == (28, 1),
+                 f"data.name='mnist_5k' has 28x28x1 images, but data.image_size="
+                 f"{data.image_size}, data.num_channels={data.num_channels}. "
+                 f"Fix: --config.data.image_size=28 --config.data.num_channels=1.")
+        _mnist_5k_split(data.split, "data.split")
+    _require(data.image_size > 0, f"data.image_size={data.image_size} must be positive.")
+    _one_of(data.num_channels, CHANNELS, "data.num_channels")
+    _one_of(data.crop, CROPS, "data.crop")
+    _one_of(data.on_bad_image, ON_BAD_IMAGE, "data.on_bad_image")
+    _one_of(data.folder_labels, FOLDER_LABELS, "data.folder_labels")
+    _require(data.decode_threads >= 0,
+             f"data.decode_threads={data.decode_threads} must be >= 0 (0 = one per CPU core).")
+    _require(data.prefetch >= 0, f"data.prefetch={data.prefetch} must be >= 0 (0 = off).")
+    _require(data.cache_mb >= 0, f"data.cache_mb={data.cache_mb} must be >= 0 (0 = off).")
+    if data.name == FOLDER:
+        _require(bool(data.path), "data.name='folder' reads data.path, which is empty. Fix: "
+                 "--config.data.path=DIR, a folder of images.")
+        _require(data.folder_labels == "subdirs" or config.model.num_classes == 0,
+                 f"model.num_classes={config.model.num_classes}, but data.folder_labels='none' "
+                 f"gives every image label 0. Fix: --config.data.folder_labels=subdirs (one "
+                 f"class per sub-directory of data.path), or --config.model.num_classes=0.")
+    else:
+        _require(not data.path,
+                 f"data.path={data.path!r} is read only with data.name='folder' (data.name="
+                 f"{data.name!r}). Fix: --config.data.name=folder, or --config.data.path=''.")
+        _require(data.folder_labels == "none",
+                 f"data.folder_labels={data.folder_labels!r} applies to data.name='folder' only. "
+                 f"Fix: --config.data.folder_labels=none.")
+
+
 def _validate_eval(config: ml_collections.ConfigDict, num_devices: int, evaluating: bool) -> None:
     """config.eval: --mode=eval (`evaluating`) and the periodic estimates during training."""
     e, k = config.eval, config.train.steps_per_dispatch
@@ -253,6 +284,15 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
         _require(not data.random_flip,
                  "data.captions='digits' names the slant of each digit, which a horizontal flip "
                  "reverses. Fix: --config.data.random_flip=False.")
+    if data.captions == "dataset":
+        _require(data.name == FOLDER or (data.name != "mnist_5k" and bool(data.caption_key)),
+                 f"data.captions='dataset' reads a folder's captions, or a tfds dataset's text "
+                 f"feature named by data.caption_key, but data.name={data.name!r}, "
+                 f"data.caption_key={data.caption_key!r}. Fix: --config.data.name=folder, or "
+                 f"--config.data.caption_key=FEATURE for a tfds dataset.")
+    _require(not data.caption_key or data.captions == "dataset",
+             f"data.caption_key={data.caption_key!r} is read only with data.captions='dataset'. "
+             f"Fix: --config.data.captions=dataset, or --config.data.caption_key=''.")
     if not m.text_encoder:
         _require(not data.captions,
                  f"data.captions={data.captions!r} but model.text_encoder=''; nothing would "
@@ -262,7 +302,8 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
     _require(bool(data.captions),
              f"model.text_encoder={m.text_encoder!r} needs captions, but data.captions='' "
              f"(data.name={data.name!r} has none configured). Fix: "
-             f"--config.data.captions=digits with data.name=mnist_5k.")
+             f"--config.data.captions=digits with data.name=mnist_5k, or "
+             f"--config.data.captions=dataset (a folder's captions, a tfds text feature).")
     _require(m.text_encoder != "precomputed" or bool(m.text_weights),
              "model.text_encoder='precomputed' reads the embeddings from a file. Fix: "
              "--config.model.text_weights=PATH.npz (text/precomputed.py says what it holds).")

@@ -49,7 +49,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "dataset": config.data.name}
     # Text models: the training captions' embeddings (cached by the trainer) and ∅.
     text = text_conditioning.training_batcher(
-        config, input_pipeline.load(config.data.name, config.data.split, config.data.data_dir),
+        config, input_pipeline.from_config(config.data, config.data.split),
         model, workdir)
     null = conditioning.null_cond(model.num_classes, text.null if text else None)
     bound_cond, fid_cond = evaluator.text_cond_fns(config, model, text, e.seed)

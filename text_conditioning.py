@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+import image_folder
 import input_pipeline
 from errors import UserError
 from models import UNet, conditioning
@@ -46,9 +47,15 @@ def caption_source(config: ml_collections.ConfigDict,
             raise UserError("data.captions='digits' needs the in-memory mnist_5k digits. Fix: "
                             "--config.data.name=mnist_5k.")
         return captions.DigitCaptionSource(source.images, source.labels)
+    if config.data.captions == "dataset":  # one caption per example, the dataset's own
+        if isinstance(source, image_folder.FolderSource) and source.captions is not None:
+            return captions.FixedCaptionSource(source.captions)
+        if isinstance(source, input_pipeline.TfdsSource) and config.data.caption_key:
+            return captions.FixedCaptionSource(source.texts(config.data.caption_key))
     raise UserError(f"data.captions={config.data.captions!r} is not a caption source of "
                     f"data.name={config.data.name!r}. Fix: --config.data.captions=digits with "
-                    f"data.name=mnist_5k.")
+                    f"data.name=mnist_5k, or dataset with a folder or a tfds "
+                    f"data.caption_key.")
 
 
 def training_batcher(config: ml_collections.ConfigDict, source: input_pipeline.Source,
@@ -68,7 +75,7 @@ def training_batcher(config: ml_collections.ConfigDict, source: input_pipeline.S
 def for_split(config: ml_collections.ConfigDict, text: captions.TextBatcher,
               split: str) -> captions.TextBatcher:
     """`text` (the training captions' batcher) for the examples of another split."""
-    source = input_pipeline.load(config.data.name, split, config.data.data_dir)
+    source = input_pipeline.from_config(config.data, split)
     return text.with_source(caption_source(config, source))
 
 

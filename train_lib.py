@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 import checkpointing
 import config_compat
 import config_lib
+import image_folder
 import input_pipeline
 import interrupts
 import metric_logging
@@ -178,16 +179,20 @@ def global_batches(source, config, step: int, k: int, sharding: NamedSharding, *
 
     transform(batch, step=, indices=, rows=): maps this process's `rows` of the batch of
     `input_pipeline.get_batch` (a dict of [n, ...] arrays) to the pytree the update step takes,
-    on the host; `indices` [B] are the dataset indices of the whole global batch at `step`.
+    on the host; `indices` [B] are the dataset indices of the whole global batch at `step`
+    (this process's rows: the examples actually read, see `input_pipeline.Source.read`).
     """
     b = batch_size
     rows = input_pipeline.process_rows(b, jax.process_index(), jax.process_count())
     local = []
     for s in range(step, step + k):
         x = input_pipeline.get_batch(source, seed=config.seed, step=s, batch_size=b,
-                                     random_flip=config.data.random_flip, rows=rows)
+                                     random_flip=config.data.random_flip,
+                                     random_crop=config.data.crop == "random", rows=rows)
+        read = x.pop("index")  # what was read: a skipped unreadable image's replacement
         if transform is not None:
             indices = input_pipeline.global_batch_indices(config.seed, s, b, len(source))
+            indices[rows] = read  # so its label and caption are the replacement's too
             x = transform(x, step=s, indices=indices, rows=rows)
         local.append(x)
     stacked = jax.tree.map(lambda *x: np.stack(x), *local)
@@ -246,9 +251,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """`train` with the config validated and checked, and the workdir locked."""
     # Open the data before anything is compiled.
-    source = input_pipeline.load(config.data.name, config.data.split, config.data.data_dir)
+    source = input_pipeline.from_config(config.data, config.data.split)
     input_pipeline.check_shape(source, config.data.image_size, config.data.num_channels,
                                config.data.name)
+    if isinstance(source, image_folder.FolderSource):  # class folders vs the workdir's run
+        image_folder.check_label_map(source, workdir, config.model.num_classes,
+                                     write=jax.process_index() == 0)
     tr = config.train
     k = tr.steps_per_dispatch
 
@@ -327,10 +335,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     history: list[tuple[int, Any]] = []  # (first step, device metrics) not yet checked
     step = start_step
+    # The next dispatches' batches are read, decoded and sent to the devices in a background
+    # thread while the device runs this one; each is still the function of its step alone.
+    loader = input_pipeline.Prefetcher(
+        functools.partial(global_batches, source, config, k=k, sharding=batch_sharding,
+                          batch_size=tr.batch_size, transform=transform),
+        range(start_step, tr.num_steps, k), depth=config.data.prefetch)
     try:
         while step < tr.num_steps:
-            batches = global_batches(source, config, step, k, batch_sharding,
-                                     batch_size=tr.batch_size, transform=transform)
+            batches = loader.get(step)
             state, metrics = update(state, batches)
             history.append((step, metrics))
             step += k
@@ -345,7 +358,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 last = {f"train/{n}": float(v[-1]) for n, v in fetched[-1][1].items()}
                 rates = progress.update(step)
                 writer.scalars(step, {**last, **{f"train/{n}": v for n, v in rates.items()
-                                                 if n != "eta_sec"}})
+                                                 if n != "eta_sec"},
+                                      "train/bad_images": source.num_bad_images})
                 logging.info(progress.line(step, {"loss": last["train/loss"]}, rates))
             if save:
                 ckpt.save(step, state, checkpoint_meta(config, step), force=True)
@@ -359,6 +373,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                              preemption.signal_name or "stop signal on another process")
                 break
     finally:
+        loader.close()
         ckpt.wait_until_finished()
         ckpt.close()
         writer.close()

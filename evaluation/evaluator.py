@@ -57,7 +57,7 @@ def text_cond_fns(config: ml_collections.ConfigDict, model: UNet, text, seed: in
     if text is None:
         return None, None
     eval_text = text_conditioning.for_split(config, text, config.data.eval_split)
-    train = input_pipeline.load(config.data.name, config.data.split, config.data.data_dir)
+    train = input_pipeline.from_config(config.data, config.data.split)
     order = np.random.default_rng(seed).permutation(len(text.source))
 
     def bound_cond(indices, labels, batch):
@@ -74,7 +74,7 @@ def text_cond_fns(config: ml_collections.ConfigDict, model: UNet, text, seed: in
 
 
 def eval_source(config: ml_collections.ConfigDict) -> input_pipeline.Source:
-    return input_pipeline.load(config.data.name, config.data.eval_split, config.data.data_dir)
+    return input_pipeline.from_config(config.data, config.data.eval_split)
 
 
 def feature_net(config: ml_collections.ConfigDict,
@@ -88,7 +88,7 @@ def reference_stats(config: ml_collections.ConfigDict, net: sample_quality.Featu
                     workdir: str) -> fid.Stats:
     """Cached statistics of the real eval.fid_ref_split images, in workdir/eval."""
     e = config.eval
-    source = input_pipeline.load(config.data.name, e.fid_ref_split, config.data.data_dir)
+    source = input_pipeline.from_config(config.data, e.fid_ref_split)
     return sample_quality.reference_stats(
         net, source, cache_dir=os.path.join(workdir, "eval"), dataset=config.data.name,
         split=e.fid_ref_split, num_examples=e.fid_ref_num_examples, num_splits=e.is_splits,
