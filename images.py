@@ -212,11 +212,14 @@ class DecodingSource:
 
     # The cache: state[i] is 0 (empty), 1 (cached at position[i]) or 2 (any position).
     def _cached(self, i: int, position: float) -> tuple[np.ndarray, int, int] | None:
+        """A copy, never a view: a later store of example i at another crop position (the same
+        example twice in one batch) must not change an image already handed out."""
         if self._cache is None:
             return None
         images, labels, positions, state = self._cache
-        if state[i] == 2 or (state[i] == 1 and positions[i] == position):
-            return images[i], int(labels[i]), i
+        with self._lock:
+            if state[i] == 2 or (state[i] == 1 and positions[i] == position):
+                return images[i].copy(), int(labels[i]), i
         return None
 
     def _store(self, i: int, image: np.ndarray, label: int, position: float,
@@ -230,8 +233,9 @@ class DecodingSource:
                     self._cache = (np.empty((n, *shape), np.uint8), np.zeros(n, np.int32),
                                    np.zeros(n), np.zeros(n, np.int8))
         images, labels, positions, state = self._cache
-        images[i], labels[i], positions[i] = image, label, position
-        state[i] = 2 if anywhere else 1
+        with self._lock:  # one entry at a time: decode threads may store the same example
+            images[i], labels[i], positions[i] = image, label, position
+            state[i] = 2 if anywhere else 1
 
     def _decoded(self, i: int, payload, label: int, position: float):
         """(image, label, i), or None when example i cannot be decoded (now marked bad)."""

@@ -223,6 +223,22 @@ def test_decoded_cache_serves_exactly_what_decoding_gives(folder):
     assert cached.num_bad_images == 2
 
 
+def test_an_example_twice_in_a_batch_at_two_crops_reads_the_same_warm_or_cold(folder):
+    """A batch larger than the dataset holds each example twice, at two crop positions: the
+    second store of an example must not change the copy the cache already handed out (it did:
+    a resumed run read the re-read batch differently from an uninterrupted one)."""
+    cached = image_folder.FolderSource(str(folder), SPEC, labels="subdirs", cache_mb=64,
+                                       threads=1)
+    n = len(cached)
+    indices = np.concatenate([np.arange(n), np.arange(n)])
+    crop = RNG.random(2 * n)
+    first = cached.read(indices, crop)
+    again = cached.read(indices, crop)   # the same batch again (as on resume: compile, step)
+    plain = image_folder.FolderSource(str(folder), SPEC, labels="subdirs", threads=1)
+    np.testing.assert_array_equal(first.images, plain.read(indices, crop).images)
+    np.testing.assert_array_equal(again.images, first.images)
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda d: d.mkdir(), "holds no images"),
     (lambda d: (d.mkdir(), (d / "a.txt").write_text("x"), (d / "b.csv").write_text("y")),
@@ -471,14 +487,15 @@ def test_cli_trains_then_samples_on_a_folder(folder, tmp_path):
     test_train._run(workdir, *_folder_flags(folder), mode="sample")
     data = np.load(next(workdir.glob("samples_*.npz")))
     assert data["images"].shape == (16, 16, 16, 3) and data["images"].dtype == np.uint8
-    _save(folder / "bird/a.png", _photo(9, 9))  # a new class folder: resuming must refuse
+    # Another class folder in place of one (same count, so the config still fits): the
+    # label -> class map of the checkpoint no longer holds, and resuming must refuse.
+    (folder / "cat").rename(folder / "bird")
     failed = subprocess.run(test_train._cli(workdir, *_folder_flags(folder),
-                                            "--config.train.num_steps=6",
-                                            "--config.model.num_classes=3"),
+                                            "--config.train.num_steps=6"),
                             env=test_train._env(8), cwd=test_train.REPO, capture_output=True,
                             text=True, timeout=240)
     assert failed.returncode == 1
-    assert "added ['bird']" in failed.stderr and "Fix:" in failed.stderr
+    assert "added ['bird'], removed ['cat']" in failed.stderr and "Fix:" in failed.stderr
 
 
 def test_sigkill_then_resume_is_bit_identical_on_a_folder(tmp_path):
