@@ -299,12 +299,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         in_shardings=(replicated, batch_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=0)
+    transform = functools.partial(diffusion_batch, model, text, seed=config.seed)
     if start_step < tr.num_steps:
         # Compiled in a worker thread, so that a SIGTERM or Ctrl-C meanwhile stops the run at
         # once (interrupts.py): the state is still the restored checkpoint, nothing is lost.
         logging.info("Compiling the train step.")
         example = global_batches(source, config, start_step, k, batch_sharding,
-                                 batch_size=tr.batch_size)
+                                 batch_size=tr.batch_size, transform=transform)
         update = interrupts.run_interruptibly(update.lower(state, example).compile)
 
     sampler = None
@@ -329,9 +330,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     try:
         while step < tr.num_steps:
             batches = global_batches(source, config, step, k, batch_sharding,
-                                     batch_size=tr.batch_size,
-                                     transform=functools.partial(diffusion_batch, model, text,
-                                                                 seed=config.seed))
+                                     batch_size=tr.batch_size, transform=transform)
             state, metrics = update(state, batches)
             history.append((step, metrics))
             step += k
