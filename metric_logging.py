@@ -1,11 +1,31 @@
-"""What a run shows: TensorBoard events (process 0 only), a progress line, PNG sample grids."""
+"""What a run shows: TensorBoard events, a progress line, PNG sample grids, JSON results.
 
+Every process of a multi-host run computes the same results; only process 0 writes them
+(`writes_files`): TensorBoard, samples, figures and JSON files.
+"""
+
+import json
 import os
 import time
 
+import jax
 import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw, ImageFont
+
+
+def writes_files() -> bool:
+    """Whether this process writes a run's output files: process 0 only."""
+    return jax.process_index() == 0
+
+
+def write_json(path: str, content) -> str:
+    """Writes `content` as indented JSON to path (process 0 only); returns path."""
+    if writes_files():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(content, f, indent=1)
+    return path
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
