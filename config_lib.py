@@ -18,7 +18,7 @@ from diffusion.gaussian import PREDICTIONS, VAR_TYPES
 from diffusion.losses import LOSS_TYPES, WEIGHTINGS, loss_options_problem
 from diffusion.samplers import SAMPLERS
 from diffusion.schedules import SCHEDULES, T_SPACINGS
-from errors import UserError
+from errors import ConfigError
 from evaluation import FEATURE_NETS
 from input_pipeline import MNIST_5K, MNIST_5K_SPLITS
 from run_args import (
@@ -36,10 +36,6 @@ EVAL_CONDITIONS = ("label", "null")
 TEXT_ENCODERS = ("", "minilm", "clip")
 TEXT_CONDITIONINGS = ("pooled", "cross_attention", "both")
 CAPTIONS = ("", "digits")
-
-
-class ConfigError(UserError, ValueError):
-    """A config value that cannot work; the message names the field and the fix."""
 
 
 def _require(ok: bool, message: str) -> None:

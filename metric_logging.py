@@ -5,6 +5,7 @@ Every process of a multi-host run computes the same results; only process 0 writ
 """
 
 import json
+import logging as logging_std
 import os
 import time
 
@@ -143,3 +144,34 @@ class Writer:
 
 def log_line(message: str) -> None:
     logging.info(message)
+
+
+def quiet_libraries(record: logging_std.LogRecord) -> bool:
+    """A log filter that keeps the progress readable: orbax and tfds INFO lines are dropped,
+    warnings kept, but not orbax's notes that a read-only checkpoint manager (sampling and
+    evaluation open the checkpoints so on purpose) saves nothing; nor jax's INFO line about
+    a backend it could not start (libtpu on a machine without a TPU). Library errors keep
+    their line but not their traceback: orbax re-raises them to us, and main.py prints a
+    user's error as one line and anything else with its traceback, once."""
+    message = str(record.msg)
+    if "exception was never retrieved" in message:
+        return False  # asyncio, for the sibling reads of a failed orbax restore: raised once
+    if ("/jax/" in record.pathname and record.levelno < logging_std.WARNING
+            and "Unable to initialize backend" in message):
+        return False  # (a backend that was asked for and fails raises an error instead)
+    if any(n in record.pathname for n in ("/orbax/", "/tensorflow_datasets/")):
+        if record.levelno < logging_std.WARNING or "is read only" in message:
+            return False
+        record.exc_info = record.exc_text = None
+    return True
+
+
+def log_to_stderr() -> None:
+    """INFO lines to stderr through `quiet_libraries`, for a tool run without main.py (a
+    library may have configured the root logger on import: its handlers get the filter)."""
+    root = logging_std.getLogger()
+    if not root.handlers:
+        root.addHandler(logging_std.StreamHandler())
+    for handler in root.handlers:
+        handler.addFilter(quiet_libraries)
+    logging.set_verbosity(logging.INFO)

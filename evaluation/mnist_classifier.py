@@ -35,12 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from flax import serialization
 
 import checkpointing
 import input_pipeline
 import interrupts
+import metric_logging
 import training_loop
 import workdir_lock
 from errors import MissingFileError, UserError
@@ -99,7 +99,10 @@ def load_classifier(path: str | pathlib.Path = WEIGHTS_PATH) -> tuple[Callable, 
     want = jax.tree.map(lambda a: a.shape, _abstract_params())
     got = jax.tree.map(lambda a: a.shape, params)
     if want != got:
-        raise ValueError(f"{path} does not hold MnistCNN parameters: shapes {got}, want {want}.")
+        raise UserError(f"{path} does not hold MnistCNN parameters: shapes {got}, want {want}. "
+                        f"Fix: restore the committed weights (`git checkout -- "
+                        f"{WEIGHTS_PATH.name}`) or retrain with `python -m "
+                        f"evaluation.mnist_classifier --train`.")
     return logits_fn, jax.tree.map(jnp.asarray, params)
 
 
@@ -211,5 +214,5 @@ def main(argv: Sequence[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    logging.set_verbosity(logging.INFO)  # the training loop's progress lines
+    metric_logging.log_to_stderr()  # the training loop's progress lines
     main()
