@@ -232,7 +232,7 @@ def run(task: Task, args: LoopArgs, workdir: str | None,
             update = interrupts.run_interruptibly(
                 update.lower(state, batches(start_step, k)).compile)
         writer = metric_logging.Writer(workdir, enabled=workdir is not None
-                                       and jax.process_index() == 0)
+                                       and metric_logging.writes_files())
         if start_step == 0 and task.hparams is not None:
             writer.hparams(task.hparams, task.config_json)
         return _loop(task, args, state, update, batches, ckpt, writer, hooks)
