@@ -30,7 +30,7 @@ import workdir_lock
 from diffusion import gaussian, losses, schedules
 from evaluation.evaluator import PeriodicEvaluator
 from models import UNet, conditioning
-from run_args import DiffusionArgs, OptimArgs
+from run_args import DataArgs, DiffusionArgs, OptimArgs
 from training_loop import TrainState, abstract_state, make_mesh
 
 # --- model, optimiser ----------------------------------------------------------------------------
@@ -172,16 +172,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         train_key=jax.random.fold_in(jax.random.key(config.seed), 1),
         config_json=checkpointing.config_to_json(config),
         hparams=config_compat.flatten(config.to_dict()))
-    state, _ = training_loop.run(task, loop, workdir,
-                                 hooks=_hooks(config, model, schedule, text, null, workdir,
-                                              source))
+    hooks = _hooks(config, data, diffusion, model, schedule, text, null, workdir, source)
+    state, _ = training_loop.run(task, loop, workdir, hooks=hooks)
     return state
 
 
-def _hooks(config: ml_collections.ConfigDict, model: UNet, schedule: schedules.Schedule, text,
-           null: dict, workdir: str, source: input_pipeline.Source) -> list:
+def _hooks(config: ml_collections.ConfigDict, data: DataArgs, diffusion: DiffusionArgs,
+           model: UNet, schedule: schedules.Schedule, text, null: dict, workdir: str,
+           source: input_pipeline.Source) -> list[training_loop.Hook]:
     """Periodic sample grids (train.sample_every) and bound/FID estimates (eval.*_every)."""
-    tr, data, sample = config.train, config_lib.data_args(config), config_lib.sample_args(config)
+    tr, e, sample = config.train, config_lib.eval_args(config), config_lib.sample_args(config)
     mesh = make_mesh()
     hooks = []
     if tr.sample_every:
@@ -195,13 +195,13 @@ def _hooks(config: ml_collections.ConfigDict, model: UNet, schedule: schedules.S
                 writer.image(step, "samples/ema", sampler.grid(state.ema_params, seed=step))
 
         hooks.append(sample_grid)
-    if config.eval.bpd_every or config.eval.fid_every:
+    if e.bpd_every or e.fid_every:
         eval_text = (text_conditioning.for_split(config, text, data.eval_split)
                      if text else None)
         evaluator = PeriodicEvaluator(
-            config_lib.eval_args(config), data, config_lib.diffusion_args(config), model,
-            schedule, mesh, workdir, sample=sample, sample_num_steps=tr.sample_num_steps,
-            text=text, eval_text=eval_text, train_source=source, null=null)
+            e, data, diffusion, model, schedule, mesh, workdir, sample=sample,
+            sample_num_steps=tr.sample_num_steps, text=text, eval_text=eval_text,
+            train_source=source, null=null)
 
         def evaluate(step, state, writer):
             if evaluator.due(step):
