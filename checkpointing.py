@@ -115,8 +115,9 @@ class Checkpointer:
         self.directory = checkpoint_dir(workdir)
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            save_interval_steps=save_interval_steps,
+            # Read-only: what orbax would otherwise override, with a warning each.
+            max_to_keep=None if read_only else max_to_keep,
+            save_interval_steps=0 if read_only else save_interval_steps,
             enable_async_checkpointing=True,
             read_only=read_only,
             create=not read_only,

@@ -2,15 +2,14 @@
 
 Dhariwal & Nichol 2021: the classifier sees the noised images x_t = q_sample(x_0, t, ε) at
 t ~ U{0..T-1} under config.diffusion's schedule (the one the sampler walks), and is trained with
-cross-entropy on the labels of config.data. It reuses the diffusion trainer's pieces: the update
-step (`train_lib.train_step`, keys fold_in(base_key, step)), the data order (`global_batches`),
-the mesh, the finite checks and one orbax Checkpointer, in `<workdir>/classifier` (or
-config.sample.classifier_workdir), which resumes from its latest checkpoint. At the end it writes
-eval.json there: accuracy on data.eval_split at a few noise levels.
+cross-entropy on the labels of config.data. It is trained by the one loop (training_loop.py:
+the data order, keys fold_in(train_key, step), steps per dispatch, finite checks, preemption,
+one orbax Checkpointer), in `<workdir>/classifier` (or config.sample.classifier_workdir), which
+resumes from its newest intact checkpoint. At the end it writes eval.json there: accuracy on
+data.eval_split at a few noise levels.
 """
 
 import functools
-import json
 import os
 from typing import Any
 
@@ -29,10 +28,11 @@ import config_lib
 import input_pipeline
 import interrupts
 import metric_logging
-import train_lib
+import training_loop
 import workdir_lock
 from diffusion import gaussian, schedules
 from models import NoisyClassifier
+from training_loop import TrainState
 
 
 def classifier_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -47,18 +47,19 @@ def _optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformatio
     return optax.adamw(config.classifier.lr, weight_decay=config.classifier.weight_decay)
 
 
+def _init_params(model: NoisyClassifier, key: jax.Array, image_shape: tuple[int, ...]) -> Any:
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    return model.init({"params": key}, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+
+
 def _abstract_state(config: ml_collections.ConfigDict, model: NoisyClassifier,
                     sharding: NamedSharding):
-    """The TrainState's shapes (no allocation) and its init function."""
-    size, channels = config.data.image_size, config.data.num_channels
-
-    def init(key):
-        x = jnp.zeros((1, size, size, channels), jnp.float32)
-        params = model.init({"params": key}, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
-        return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                    ema_params=params, opt_state=_optimizer(config).init(params))
-
-    return train_lib.abstract_state(init, jax.random.key(0), sharding), init
+    """The TrainState's shapes (no allocation)."""
+    init = functools.partial(_init_params, model,
+                             image_shape=config_lib.data_args(config).image_shape)
+    return training_loop.abstract_state(
+        lambda key: training_loop.initial_state(init(key), _optimizer(config)),
+        jax.random.key(0), sharding)
 
 
 def loss_fn(params, batch: dict[str, jax.Array], key: jax.Array, *, model: NoisyClassifier,
@@ -73,7 +74,7 @@ def loss_fn(params, batch: dict[str, jax.Array], key: jax.Array, *, model: Noisy
     return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
 
 
-def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> train_lib.TrainState:
+def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (or resumes) the classifier until config.classifier.num_steps; returns the state.
 
     As `train_lib.train`: validated, its directory locked and its config compared with the
@@ -87,95 +88,44 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> train_l
             return _train_classifier(config, directory)
 
 
-def _train_classifier(config: ml_collections.ConfigDict,
-                      directory: str) -> train_lib.TrainState:
-    source = input_pipeline.from_config(config.data, config.data.split)
-    input_pipeline.check_shape(source, config.data.image_size, config.data.num_channels,
-                               config.data.name)
-    c = config.classifier
-
-    mesh = train_lib.make_mesh()
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(None, "data"))
+def _train_classifier(config: ml_collections.ConfigDict, directory: str) -> TrainState:
+    data, diffusion = config_lib.data_args(config), config_lib.diffusion_args(config)
+    source = input_pipeline.from_config(data, data.split)
+    input_pipeline.check_shape(source, data.image_size, data.num_channels, data.name)
     model = create_classifier(config)
-    schedule = schedules.schedule_from_name(config.diffusion.schedule,
-                                            config.diffusion.num_timesteps)
-    # Streams of their own (the diffusion trainer draws from fold_in(seed key, 1)); parameters
-    # are initialised with "rbg", as train_lib does, because threefry init compiles slowly.
-    init_key = jax.random.fold_in(jax.random.key(config.seed, impl="rbg"), 2)
-    train_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-    abstract_state, init = _abstract_state(config, model, replicated)
-
-    ckpt = checkpointing.Checkpointer(directory, max_to_keep=config.train.keep_checkpoints)
-    restored = ckpt.restore_newest_intact(abstract_state)
-    if restored is not None:
-        state, _, latest = restored
-        logging.info("Resumed the classifier from step %d in %s.", latest, ckpt.directory)
-    else:
-        state = interrupts.run_interruptibly(
-            lambda: jax.jit(init, out_shardings=replicated)(init_key))
-    step = int(jax.device_get(state.step))
-
-    update = jax.jit(
-        functools.partial(train_lib.train_steps,
-                          loss=functools.partial(loss_fn, model=model, schedule=schedule),
-                          optimizer=_optimizer(config), ema_decay=c.ema_decay,
-                          lr_fn=optax.constant_schedule(c.lr), base_key=train_key),
-        in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-        donate_argnums=0)
-    if step < c.num_steps:  # compiled so that a stop meanwhile is honoured at once
-        example = train_lib.global_batches(source, config, step, 1, batch_sharding,
-                                           batch_size=c.batch_size)
-        update = interrupts.run_interruptibly(update.lower(state, example).compile)
-
-    writer = metric_logging.Writer(directory, enabled=jax.process_index() == 0)
-    progress = metric_logging.Progress(step, c.num_steps, c.batch_size)
-    history = []
-    interrupts.STOP.defer()  # from here a stop saves at the next step boundary
-    try:
-        while step < c.num_steps:
-            batches = train_lib.global_batches(source, config, step, 1, batch_sharding,
-                                               batch_size=c.batch_size)
-            state, metrics = update(state, batches)
-            history.append((step, metrics))
-            step += 1
-            stop = interrupts.STOP.requested or (step % c.log_every == 0
-                                                 and interrupts.STOP.any_process())
-            save = step % c.checkpoint_every == 0 or step == c.num_steps or stop
-            if step % c.log_every == 0 or save:
-                fetched = jax.device_get(history)
-                history = []
-                train_lib.check_finite(fetched, ckpt.latest_step())
-                last = {f"classifier/{n}": float(v[-1]) for n, v in fetched[-1][1].items()}
-                rates = progress.update(step)
-                writer.scalars(step, last)
-                logging.info(progress.line(step, {"loss": last["classifier/loss"],
-                                                  "acc": last["classifier/accuracy"]}, rates))
-            if save:
-                ckpt.save(step, state, {"step": step,
-                                        "config": checkpointing.config_to_json(config)},
-                          force=True)
-            if stop:
-                logging.info("Preempted: saved classifier step %d; exiting cleanly.", step)
-                return state
-    finally:
-        ckpt.wait_until_finished()
-        ckpt.close()
-        writer.close()
-
+    schedule = schedules.schedule_from_name(diffusion.schedule, diffusion.num_timesteps)
+    task = training_loop.Task(
+        init_params=functools.partial(_init_params, model, image_shape=data.image_shape),
+        loss=functools.partial(loss_fn, model=model, schedule=schedule),
+        optimizer=_optimizer(config),
+        learning_rate=optax.constant_schedule(config.classifier.lr),
+        source=source, seed=config.seed, random_flip=data.random_flip,
+        # Streams of their own (the diffusion trainer draws from fold_in(seed key, 1));
+        # parameters are initialised with "rbg", as train_lib does, because threefry init
+        # compiles slowly.
+        init_key=jax.random.fold_in(jax.random.key(config.seed, impl="rbg"), 2),
+        train_key=jax.random.fold_in(jax.random.key(config.seed), 2),
+        name="classifier", title="the classifier",
+        shown=(("loss", "loss"), ("acc", "accuracy")),
+        config_json=checkpointing.config_to_json(config),
+        nan_fix="lower --config.classifier.lr, or check the data (NaN pixels?)")
+    state, stopped = training_loop.run(task, config_lib.classifier_train_args(config),
+                                       directory)
+    if stopped:
+        return state
     accuracy = evaluate(config, model, state.ema_params, schedule)
-    logging.info("Classifier accuracy on %s by timestep: %s", config.data.eval_split, accuracy)
-    if jax.process_index() == 0:
-        with open(os.path.join(directory, "eval.json"), "w") as f:
-            json.dump({"step": step, "split": config.data.eval_split,
-                       "accuracy_by_timestep": accuracy}, f, indent=1)
+    logging.info("Classifier accuracy on %s by timestep: %s", data.eval_split, accuracy)
+    metric_logging.write_json(os.path.join(directory, "eval.json"), {
+        "step": int(jax.device_get(state.step)), "split": data.eval_split,
+        "accuracy_by_timestep": accuracy})
     return state
 
 
 def evaluate(config: ml_collections.ConfigDict, model: NoisyClassifier, params: Any,
              schedule: schedules.Schedule, max_examples: int = 1000) -> dict[str, float]:
     """Accuracy on up to max_examples of data.eval_split, noised to t = 0, T/4, T/2, 3T/4."""
-    source = input_pipeline.from_config(config.data, config.data.eval_split)
+    data = config_lib.data_args(config)
+    source = input_pipeline.from_config(data, data.eval_split)
     images, labels = source.get(np.arange(min(len(source), max_examples)))
     b = config.classifier.batch_size
     x0 = input_pipeline.preprocess(np.resize(images, (-(-len(images) // b) * b, *images.shape[1:])),
@@ -206,7 +156,8 @@ def restore_classifier(config: ml_collections.ConfigDict,
         take=("classifier",), must_match=("diffusion.schedule", "diffusion.num_timesteps"))
     config_lib.validate_classifier(config, num_devices=jax.device_count())
     model = create_classifier(config)
-    abstract_state, _ = _abstract_state(config, model, NamedSharding(train_lib.make_mesh(), P()))
+    abstract_state = _abstract_state(config, model,
+                                     NamedSharding(training_loop.make_mesh(), P()))
     state, step = checkpointing.restore_latest(
         classifier_dir(config, workdir), abstract_state,
         missing=lambda directory: (

@@ -66,6 +66,7 @@ CLASSIFIER_RULES: tuple[tuple[str, str], ...] = (
     ("classifier.checkpoint_every", FREE),
     ("classifier.lr", FREE),
     ("classifier.ema_decay", FREE),
+    ("classifier.steps_per_dispatch", FREE),
     ("classifier.*", PINNED),          # architecture, classes, batch size, weight decay
     ("diffusion.*", PINNED),           # the classifier is trained on this process's x_t
     ("data.data_dir", FREE),

@@ -1,11 +1,14 @@
 """The boundary between ml_collections configs and typed code: validation and typed arguments.
 
 `validate` runs before anything is compiled or loaded, and each problem is one line that names
-the field, the bad value and the fix. Flax modules and diffusion functions never see a
-ConfigDict: they get the typed arguments built here.
+the field, the bad value and the fix. Code below the boundary never sees a ConfigDict: it gets
+the typed arguments of run_args.py, built here once per run (`data_args`, `diffusion_args`,
+`optim_args`, `train_args`, `classifier_train_args`, `sample_args`, `eval_args`, and the
+keyword arguments of the networks).
 """
 
 import dataclasses
+import typing
 
 import jax.numpy as jnp
 import ml_collections
@@ -15,11 +18,19 @@ from diffusion.gaussian import PREDICTIONS, VAR_TYPES
 from diffusion.losses import LOSS_TYPES, WEIGHTINGS, loss_options_problem
 from diffusion.samplers import SAMPLERS
 from diffusion.schedules import SCHEDULES, T_SPACINGS
-from errors import UserError
+from errors import ConfigError
 from evaluation import FEATURE_NETS
 from image_folder import FOLDER, FOLDER_LABELS
 from images import CHANNELS, CROPS, ON_BAD_IMAGE
 from input_pipeline import MNIST_5K, MNIST_5K_SPLITS
+from run_args import (
+    DataArgs,
+    DiffusionArgs,
+    EvalArgs,
+    LoopArgs,
+    OptimArgs,
+    SampleArgs,
+)
 
 # Legal values are defined once, in the lowest module that needs them, and imported here.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -27,25 +38,6 @@ EVAL_CONDITIONS = ("label", "null")
 TEXT_ENCODERS = ("", "minilm", "clip", "precomputed")
 TEXT_CONDITIONINGS = ("pooled", "cross_attention", "both")
 CAPTIONS = ("", "digits", "dataset")
-
-
-class ConfigError(UserError, ValueError):
-    """A config value that cannot work; the message names the field and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DiffusionArgs:
-    """Typed `config.diffusion`."""
-
-    schedule: str
-    num_timesteps: int
-    prediction: str
-    var_type: str
-    loss_type: str
-    vlb_weight: float
-    weighting: str
-    min_snr_gamma: float
-    p_uncond: float
 
 
 def _require(ok: bool, message: str) -> None:
@@ -65,6 +57,18 @@ def _require_batch(value: int, field: str, num_devices: int) -> None:
              f"{field}={value} is not a positive multiple of the {num_devices} devices. Fix: use "
              f"a multiple of {num_devices}, or run on fewer devices (on a CPU: XLA_FLAGS="
              f"--xla_force_host_platform_device_count=1).")
+
+
+def _require_dispatch(section: ml_collections.ConfigDict, name: str,
+                      intervals: tuple[str, ...]) -> None:
+    """steps_per_dispatch >= 1 divides each of the section's step intervals."""
+    k = section.steps_per_dispatch
+    _require(k >= 1, f"{name}.steps_per_dispatch={k} must be >= 1.")
+    for field in intervals:
+        value = section[field]
+        _require(value >= 0 and value % k == 0,
+                 f"{name}.{field}={value} must be a non-negative multiple of "
+                 f"{name}.steps_per_dispatch={k}. Fix: make it a multiple of {k}.")
 
 
 def _one_of(value, legal, field: str) -> None:
@@ -134,13 +138,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     _require_batch(tr.batch_size, "train.batch_size", num_devices)
     _require(tr.num_steps > 0, f"train.num_steps={tr.num_steps} must be positive.")
     _require(0.0 <= tr.ema_decay < 1.0, f"train.ema_decay={tr.ema_decay} must be in [0, 1).")
-    k = tr.steps_per_dispatch
-    _require(k >= 1, f"train.steps_per_dispatch={k} must be >= 1.")
-    for field in ("log_every", "checkpoint_every", "sample_every", "num_steps"):
-        value = tr[field]
-        _require(value >= 0 and value % k == 0,
-                 f"train.{field}={value} must be a non-negative multiple of "
-                 f"train.steps_per_dispatch={k}. Fix: make it a multiple of {k}.")
+    _require_dispatch(tr, "train", ("log_every", "checkpoint_every", "sample_every",
+                                    "num_steps"))
     _require(tr.log_every > 0 and tr.checkpoint_every > 0,
              "train.log_every and train.checkpoint_every must be positive.")
     _require(isinstance(tr.keep_checkpoints, int) and tr.keep_checkpoints >= 1,
@@ -369,6 +368,7 @@ def validate_classifier(config: ml_collections.ConfigDict, *, num_devices: int) 
     _require(0.0 <= c.ema_decay < 1.0, f"classifier.ema_decay={c.ema_decay} must be in [0, 1).")
     _require(c.log_every > 0 and c.checkpoint_every > 0,
              "classifier.log_every and classifier.checkpoint_every must be positive.")
+    _require_dispatch(c, "classifier", ("num_steps", "log_every", "checkpoint_every"))
     if config.data.name == MNIST_5K:  # the classifier's accuracy is measured on it at the end
         _mnist_5k_split(config.data.eval_split, "data.eval_split")
 
@@ -413,10 +413,47 @@ def sampler_spec(config: ml_collections.ConfigDict, *, sampler: str | None = Non
         var_type=str(d.var_type), clip_x0=bool(s.clip_x0))
 
 
+def _typed(cls, section: ml_collections.ConfigDict, **given):
+    """A run_args dataclass from the section's fields of the same names, each cast to its
+    annotated type (tuples item by item); `given` fields are taken as they are."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in given:
+            kind, value = hints[field.name], section[field.name]
+            if typing.get_origin(kind) is tuple:
+                values[field.name] = tuple(typing.get_args(kind)[0](v) for v in value)
+            else:
+                values[field.name] = kind(value)
+    return cls(**values, **given)
+
+
+def data_args(config: ml_collections.ConfigDict) -> DataArgs:
+    return _typed(DataArgs, config.data)
+
+
 def diffusion_args(config: ml_collections.ConfigDict) -> DiffusionArgs:
-    d = config.diffusion
-    return DiffusionArgs(
-        schedule=str(d.schedule), num_timesteps=int(d.num_timesteps),
-        prediction=str(d.prediction), var_type=str(d.var_type), loss_type=str(d.loss_type),
-        vlb_weight=float(d.vlb_weight), weighting=str(d.weighting),
-        min_snr_gamma=float(d.min_snr_gamma), p_uncond=float(d.p_uncond))
+    return _typed(DiffusionArgs, config.diffusion)
+
+
+def optim_args(config: ml_collections.ConfigDict) -> OptimArgs:
+    return _typed(OptimArgs, config.optim)
+
+
+def train_args(config: ml_collections.ConfigDict) -> LoopArgs:
+    """The diffusion model's loop: config.train."""
+    return _typed(LoopArgs, config.train)
+
+
+def classifier_train_args(config: ml_collections.ConfigDict) -> LoopArgs:
+    """The noise-aware classifier's loop: config.classifier (train.keep_checkpoints)."""
+    return _typed(LoopArgs, config.classifier,
+                  keep_checkpoints=int(config.train.keep_checkpoints))
+
+
+def sample_args(config: ml_collections.ConfigDict) -> SampleArgs:
+    return _typed(SampleArgs, config.sample, spec=sampler_spec(config))
+
+
+def eval_args(config: ml_collections.ConfigDict) -> EvalArgs:
+    return _typed(EvalArgs, config.eval)

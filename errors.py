@@ -14,3 +14,9 @@ class UserError(Exception):
 class MissingFileError(UserError, FileNotFoundError):
     """A file or directory the user must provide is missing (weights, a checkpoint, event
     files); the message says how to get it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value, or a combination of values, that cannot work; the message names the
+    field and the fix. (config_lib.validate raises it before anything is built; functions
+    below the boundary raise it for the same rules when called with such values.)"""

@@ -13,7 +13,6 @@
 Results go to workdir/eval/eval_step<step>.json and to TensorBoard under eval/ (process 0).
 """
 
-import json
 import os
 
 import jax
@@ -37,36 +36,35 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The model and diffusion settings are those it was trained with (config_compat)."""
     config = config_compat.trained_config(config, workdir)
     config_lib.validate(config, num_devices=jax.device_count(), evaluating=True)
-    e = config.eval
+    e, data = config_lib.eval_args(config), config_lib.data_args(config)
+    diffusion, s = config_lib.diffusion_args(config), config_lib.sample_args(config)
+    mesh = train_lib.make_mesh()
     net = None
     if e.fid_num_samples:  # fail on missing feature weights before restoring anything
-        net = evaluator.feature_net(config, train_lib.make_mesh())
+        net = evaluator.feature_net(e, mesh)
     model, params, step = train_lib.restore_params(config, workdir, use_ema=e.use_ema)
-    schedule = schedules.schedule_from_name(config.diffusion.schedule,
-                                            config.diffusion.num_timesteps)
-    mesh = train_lib.make_mesh()
+    schedule = schedules.schedule_from_name(diffusion.schedule, diffusion.num_timesteps)
     results: dict = {"step": step, "params": "ema" if e.use_ema else "raw",
-                     "dataset": config.data.name}
+                     "dataset": data.name}
     # Text models: the training captions' embeddings (cached by the trainer) and ∅.
-    text = text_conditioning.training_batcher(
-        config, input_pipeline.from_config(config.data, config.data.split),
-        model, workdir)
+    train_source = input_pipeline.from_config(data, data.split)
+    text = text_conditioning.training_batcher(config, train_source, model, workdir)
     null = conditioning.null_cond(model.num_classes, text.null if text else None)
-    bound_cond, fid_cond = evaluator.text_cond_fns(config, model, text, e.seed)
+    eval_text = text_conditioning.for_split(config, text, data.eval_split) if text else None
+    bound_cond, fid_cond = evaluator.text_cond_fns(model, text, eval_text, train_source, e.seed)
 
     if e.bpd:
-        source = evaluator.eval_source(config)
+        source = evaluator.eval_source(data)
         n = len(source) if not e.bpd_num_examples else min(e.bpd_num_examples, len(source))
         logging.info("Bound on %d %s/%s examples, %d timesteps, %s params.", n,
-                     config.data.name, config.data.eval_split, schedule.num_timesteps,
-                     results["params"])
+                     data.name, data.eval_split, schedule.num_timesteps, results["params"])
         bound = likelihood.bound_on_dataset(
-            evaluator.bound_evaluator(config, model, schedule, mesh, null), params,
+            evaluator.bound_evaluator(e, diffusion, model, schedule, mesh, null), params,
             likelihood.dataset_batches(source, batch_size=e.batch_size, num_examples=n,
                                        cond_fn=bound_cond),
             num_batches=-(-n // e.batch_size), seed=e.seed, t_chunk=e.bpd_t_chunk,
             log=logging.info)
-        results["bpd"] = {"split": config.data.eval_split, "condition": e.bpd_condition,
+        results["bpd"] = {"split": data.eval_split, "condition": e.bpd_condition,
                           "dequantization": "uint8 v -> v/127.5 - 1; discretized Gaussian L_0",
                           **bound.to_json()}
         logging.info("Bound: %.4f ± %.4f bits/dim (L_T %.5f, L_0 %.4f, Σ L_t %.4f)",
@@ -76,36 +74,34 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         scalars = {}
 
     if e.fid_num_samples:
-        real = evaluator.reference_stats(config, net, workdir)
-        s = config.sample
-        sampler = sampling_lib.sampler_from_config(config, model, schedule, mesh,
-                                                   batch_size=s.batch_size,
-                                                   num_steps=s.num_steps, null=null)
+        real = evaluator.reference_stats(e, data, net, workdir)
+        num_steps = s.spec.num_steps or diffusion.num_timesteps
+        sampler = sampling_lib.make_sampler(s, model, schedule, mesh,
+                                            image_shape=data.image_shape,
+                                            batch_size=s.batch_size,
+                                            num_steps=s.spec.num_steps or 0, null=null)
         logging.info("%s of %d samples (%s, %s steps, guidance %g) vs %d %s/%s images.",
-                     net.metric("FID"), e.fid_num_samples, s.sampler,
-                     s.num_steps or config.diffusion.num_timesteps, s.guidance_scale,
-                     real.count, config.data.name, e.fid_ref_split)
+                     net.metric("FID"), e.fid_num_samples, s.spec.sampler, num_steps,
+                     s.guidance_scale, real.count, data.name, e.fid_ref_split)
         fake = sample_quality.sample_stats(
             net, sampler, params, num_samples=e.fid_num_samples,
             num_classes=model.num_classes, seed=e.seed, num_splits=e.is_splits,
             kid_max_features=e.kid_max_features, log=logging.info, cond_fn=fid_cond)
-        metrics = evaluator.compare(config, net, real, fake)
+        metrics = evaluator.compare(e, net, real, fake)
         results["sample_quality"] = {
             "feature_net": net.name, "note": net.note, "num_samples": e.fid_num_samples,
             "reference": {"split": e.fid_ref_split, "count": real.count,
                           net.metric("IS"): real.is_mean},
-            "sampler": s.sampler, "num_steps": s.num_steps or config.diffusion.num_timesteps,
+            "sampler": s.spec.sampler, "num_steps": num_steps,
             "guidance_scale": s.guidance_scale, **metrics}
         logging.info("%s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         scalars.update({f"eval/{k}": v for k, v in metrics.items()})
 
-    if jax.process_index() == 0:
-        path = os.path.join(workdir, "eval", f"eval_step{step}.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+    path = metric_logging.write_json(os.path.join(workdir, "eval", f"eval_step{step}.json"),
+                                     results)
+    if metric_logging.writes_files():
         logging.info("Wrote %s", path)
-    writer = metric_logging.Writer(workdir, enabled=jax.process_index() == 0)
+    writer = metric_logging.Writer(workdir, enabled=metric_logging.writes_files())
     writer.scalars(step, scalars)
     writer.close()
     return results

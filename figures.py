@@ -50,8 +50,10 @@ def _figure(size_px: tuple[int, int], nrows: int = 1, ncols: int = 1):
 
 
 def _save(fig: Figure, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": it would change the pixel size
+    """Writes the figure (process 0 of a multi-host run only); returns path."""
+    if metric_logging.writes_files():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": it would change the pixel size
     return path
 
 
@@ -321,10 +323,11 @@ def guidance_figure(path: str, config: ml_collections.ConfigDict, workdir: str, 
         with open(sweep_path) as f:
             sweep = json.load(f)
     accuracy = {"shown": {}, "sweep": {}}
+    sample, data = config_lib.sample_args(config), config_lib.data_args(config)
     fig, axes = _figure(size_px, len(scales), 1)
     for row, scale in enumerate(scales):
-        sampler = sampling_lib.sampler_from_config(
-            config, model, schedule, mesh, batch_size=batch,
+        sampler = sampling_lib.make_sampler(
+            sample, model, schedule, mesh, image_shape=data.image_shape, batch_size=batch,
             num_steps=min(num_steps, schedule.num_timesteps), guidance_scale=scale)
         images = sampling_lib.sample_many(sampler, params, num_samples=len(labels),
                                           cond={"label": labels}, seed=seed, log_progress=False)

@@ -9,7 +9,6 @@ sample.sweep_scales, classified by the offline MNIST classifier (evaluation.mnis
 the accuracy per scale goes to <workdir>/guidance_sweep.json.
 """
 
-import json
 import os
 
 import jax
@@ -78,9 +77,10 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
         text_cond, text_null = text_conditioning.prompt_cond(config, model, prompts)
         cond.update(text_cond)
         null = conditioning.null_cond(model.num_classes, text_null)
-    sampler = sampling_lib.sampler_from_config(config, model, schedule, mesh,
-                                               batch_size=s.batch_size, num_steps=s.num_steps,
-                                               classifier=classifier, null=null)
+    sampler = sampling_lib.make_sampler(config_lib.sample_args(config), model, schedule, mesh,
+                                        image_shape=config_lib.data_args(config).image_shape,
+                                        batch_size=s.batch_size, num_steps=s.num_steps,
+                                        classifier=classifier, null=null)
     logging.info("Sampling %d images from step %d: %s, %d steps (%d network evaluations), "
                  "guidance %g%s.", s.num_samples, step, s.sampler, sampler.num_steps,
                  sampler.spec.model_evaluations(schedule.num_timesteps), s.guidance_scale,
@@ -100,7 +100,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     ncols = sampling_lib.grid_columns(s.num_samples, groups)
     paths = sampling_lib.write_samples(workdir, images, labels, ncols, name=name,
                                        prompts=prompts)
-    if jax.process_index() == 0:
+    if metric_logging.writes_files():
         logging.info("Wrote %s and %s", paths["png"], paths["npz"])
     return paths
 
@@ -120,7 +120,7 @@ def guidance_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"model.num_classes={config.model.num_classes}, diffusion.p_uncond="
             f"{config.diffusion.p_uncond}. Fix: train one with model.num_classes > 0 and "
             f"--config.diffusion.p_uncond=0.1 (configs/mnist.py), in a new --workdir.")
-    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    shape = config_lib.data_args(config).image_shape
     num_classes = mnist_classifier.NUM_CLASSES
     if shape != mnist_classifier.IMAGE_SHAPE or config.model.num_classes != num_classes:
         raise config_lib.ConfigError(
@@ -135,10 +135,11 @@ def guidance_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result = {"step": step, "sampler": s.sampler, "num_steps": s.num_steps or
               config.diffusion.num_timesteps, "per_class": s.sweep_per_class, "seed": s.seed,
               "accuracy": {}, "accuracy_per_class": {}}
+    sample = config_lib.sample_args(config)
     for scale in s.sweep_scales:
-        sampler = sampling_lib.sampler_from_config(config, model, schedule, mesh,
-                                                   batch_size=s.batch_size,
-                                                   num_steps=s.num_steps, guidance_scale=scale)
+        sampler = sampling_lib.make_sampler(sample, model, schedule, mesh, image_shape=shape,
+                                            batch_size=s.batch_size, num_steps=s.num_steps,
+                                            guidance_scale=scale)
         images = sampling_lib.sample_many(sampler, params, num_samples=len(labels),
                                           cond={"label": labels}, seed=s.seed)
         # Judge what is written to disk: images quantised to uint8, mapped back to [-1, 1].
@@ -151,7 +152,5 @@ def guidance_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
             float(correct[labels == c].mean()) for c in range(model.num_classes)]
         logging.info("guidance scale %g: MNIST-classifier accuracy %.4f", scale,
                      correct.mean())
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "guidance_sweep.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    metric_logging.write_json(os.path.join(workdir, "guidance_sweep.json"), result)
     return result

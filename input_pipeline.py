@@ -33,7 +33,6 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-import ml_collections
 import numpy as np
 
 import image_folder
@@ -268,9 +267,10 @@ def load(name: str, split: str, data_dir: str | None = None) -> Source:
     return load_tfds(name, split, data_dir)
 
 
-def from_config(data: ml_collections.ConfigDict, split: str) -> Source:
-    """The dataset of config.data at `split`, every image fitted to data.image_size and
-    data.num_channels (a folder has one split: `split` is not used for it)."""
+def from_config(data, split: str) -> Source:
+    """The dataset of `data` (a `run_args.DataArgs`, or anything with its fields) at `split`,
+    every image fitted to data.image_size and data.num_channels (a folder has one split:
+    `split` is not used for it)."""
     if data.name == MNIST_5K:
         return load_mnist_5k(split)
     spec = ImageSpec(size=int(data.image_size), channels=int(data.num_channels))

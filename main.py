@@ -26,7 +26,6 @@ if __name__ == "__main__":
 
     interrupts.STOP.install()  # next: a SIGTERM or Ctrl-C from here on is handled
 
-import logging as logging_std
 import os
 import re
 import sys
@@ -40,6 +39,7 @@ import evaluate
 import figures
 import generate
 import interrupts
+import metric_logging
 import text_eval
 import train_lib
 from errors import UserError
@@ -66,20 +66,6 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (multihost only
 flags.DEFINE_integer("process_id", None, "This process's index (multihost only).")
 flags.mark_flags_as_required(["config", "workdir"])
 TRAINING_MODES = ("train", "train_classifier")  # a stop there exits 0: what there was is saved
-
-
-def _quiet_libraries(record: logging_std.LogRecord) -> bool:
-    """Keeps the progress readable: orbax and tfds INFO lines are dropped, warnings kept. Their
-    errors keep their line but not their traceback: orbax re-raises them to us, and main prints
-    a user's error as one line and anything else with its traceback, once."""
-    if "exception was never retrieved" in str(record.msg):
-        return False  # asyncio, for the sibling reads of a failed orbax restore: raised once
-    noisy = ("/orbax/", "/tensorflow_datasets/")
-    if any(n in record.pathname for n in noisy):
-        if record.levelno < logging_std.WARNING or "is read only" in str(record.msg):
-            return False  # (sampling and evaluation open the checkpoints read-only on purpose)
-        record.exc_info = record.exc_text = None
-    return True
 
 
 def _fail(message: str, code: int = 1):
@@ -153,7 +139,7 @@ def _main():
     # Before jax's first computation (cpu_runtime.py); processes of a multihost run keep XLA's
     # device count, so that processes sharing a machine do not each split it.
     cpu_runtime.configure(split_cpu=not FLAGS.multihost)
-    logging.get_absl_handler().addFilter(_quiet_libraries)
+    logging.get_absl_handler().addFilter(metric_logging.quiet_libraries)
     if FLAGS.multihost:
         # Cross-process collectives between CPU devices go through gloo (no effect on GPU/TPU).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -1,11 +1,32 @@
-"""What a run shows: TensorBoard events (process 0 only), a progress line, PNG sample grids."""
+"""What a run shows: TensorBoard events, a progress line, PNG sample grids, JSON results.
 
+Every process of a multi-host run computes the same results; only process 0 writes them
+(`writes_files`): TensorBoard, samples, figures and JSON files.
+"""
+
+import json
+import logging as logging_std
 import os
 import time
 
+import jax
 import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw, ImageFont
+
+
+def writes_files() -> bool:
+    """Whether this process writes a run's output files: process 0 only."""
+    return jax.process_index() == 0
+
+
+def write_json(path: str, content) -> str:
+    """Writes `content` as indented JSON to path (process 0 only); returns path."""
+    if writes_files():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(content, f, indent=1)
+    return path
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -123,3 +144,34 @@ class Writer:
 
 def log_line(message: str) -> None:
     logging.info(message)
+
+
+def quiet_libraries(record: logging_std.LogRecord) -> bool:
+    """A log filter that keeps the progress readable: orbax and tfds INFO lines are dropped,
+    warnings kept, but not orbax's notes that a read-only checkpoint manager (sampling and
+    evaluation open the checkpoints so on purpose) saves nothing; nor jax's INFO line about
+    a backend it could not start (libtpu on a machine without a TPU). Library errors keep
+    their line but not their traceback: orbax re-raises them to us, and main.py prints a
+    user's error as one line and anything else with its traceback, once."""
+    message = str(record.msg)
+    if "exception was never retrieved" in message:
+        return False  # asyncio, for the sibling reads of a failed orbax restore: raised once
+    if ("/jax/" in record.pathname and record.levelno < logging_std.WARNING
+            and "Unable to initialize backend" in message):
+        return False  # (a backend that was asked for and fails raises an error instead)
+    if any(n in record.pathname for n in ("/orbax/", "/tensorflow_datasets/")):
+        if record.levelno < logging_std.WARNING or "is read only" in message:
+            return False
+        record.exc_info = record.exc_text = None
+    return True
+
+
+def log_to_stderr() -> None:
+    """INFO lines to stderr through `quiet_libraries`, for a tool run without main.py (a
+    library may have configured the root logger on import: its handlers get the filter)."""
+    root = logging_std.getLogger()
+    if not root.handlers:
+        root.addHandler(logging_std.StreamHandler())
+    for handler in root.handlers:
+        handler.addFilter(quiet_libraries)
+    logging.set_verbosity(logging.INFO)

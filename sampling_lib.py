@@ -16,22 +16,22 @@ carried between calls and the chunk bounds are traced, so there is one compilati
 line with steps/s and ETA between chunks, and the same images as one uninterrupted loop.
 """
 
+import dataclasses
 import os
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import config_lib
 import cpu_runtime
 import metric_logging
 from diffusion import guidance, samplers, schedules
 from models import NoisyClassifier, UNet, classifier_log_prob_grad, conditioning
+from run_args import SampleArgs
 
 
 def guided_model_fn(model: UNet, params, cond: conditioning.Cond | None, guidance_scale: float,
@@ -83,7 +83,7 @@ def grid_columns(num_samples: int, num_classes: int) -> int:
 
 
 def parse_labels(spec: str, num_samples: int, num_classes: int) -> np.ndarray | None:
-    """int32 [num_samples] labels from config.sample.labels, or None for an unlabelled model.
+    """int32 [num_samples] labels from sample.labels, or None for an unlabelled model.
 
     "" gives `grid_labels` (one block per class); "3" or "1,4,7" repeats that list cyclically.
     Values are checked by config_lib.validate.
@@ -215,42 +215,44 @@ def sample_many(sampler: Sampler, params, *, num_samples: int, cond: dict | None
     return np.concatenate(out)
 
 
-def sampler_from_config(config: ml_collections.ConfigDict, model: UNet,
-                        schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
-                        batch_size: int, num_steps: int, sampler: str | None = None,
-                        guidance_scale: float | None = None,
-                        classifier: NoisyClassifier | None = None,
-                        null: dict | None = None) -> Sampler:
-    """A `Sampler` with config.sample's settings; classifier guidance when `classifier` is given
-    and config.sample.classifier_scale > 0."""
-    s = config.sample
+def make_sampler(sample: SampleArgs, model: UNet, schedule: schedules.Schedule,
+                 mesh: jax.sharding.Mesh, *, image_shape: tuple[int, int, int], batch_size: int,
+                 num_steps: int, sampler: str | None = None,
+                 guidance_scale: float | None = None,
+                 classifier: NoisyClassifier | None = None,
+                 null: dict | None = None) -> Sampler:
+    """A `Sampler` with the settings of `sample` (typed config.sample), for num_steps steps
+    (0 = all T) with `sampler` and `guidance_scale` when given; classifier guidance when
+    `classifier` is given and sample.classifier_scale > 0."""
+    spec = dataclasses.replace(sample.spec, num_steps=int(num_steps) or None,
+                               sampler=sample.spec.sampler if sampler is None else sampler)
     return Sampler(
-        model, schedule, mesh,
-        image_shape=(config.data.image_size, config.data.image_size, config.data.num_channels),
-        batch_size=batch_size,
-        spec=config_lib.sampler_spec(config, sampler=sampler, num_steps=num_steps),
-        guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
-        classifier=classifier, classifier_scale=s.classifier_scale,
-        progress_every=s.progress_every, null=null)
+        model, schedule, mesh, image_shape=image_shape, batch_size=batch_size, spec=spec,
+        guidance_scale=sample.guidance_scale if guidance_scale is None else guidance_scale,
+        classifier=classifier, classifier_scale=sample.classifier_scale,
+        progress_every=sample.progress_every, null=null)
 
 
 class GridSampler:
     """Periodic sample grids during training: a few respaced ancestral steps, EMA params."""
 
-    def __init__(self, config, model: UNet, schedule, mesh, *, num_steps: int, text=None,
-                 null: dict | None = None):
-        """text: the trainer's `text.captions.TextBatcher` (the grid shows the captions of n
-        training examples spread over the dataset); null: ∅ for guidance."""
-        n = min(config.sample.num_samples, 64)
+    def __init__(self, sample: SampleArgs, model: UNet, schedule: schedules.Schedule,
+                 mesh: jax.sharding.Mesh, *, image_shape: tuple[int, int, int], num_steps: int,
+                 seed: int, text=None, null: dict | None = None):
+        """Up to 64 images (sample.num_samples, a multiple of the device count). text: the
+        trainer's `text.captions.TextBatcher` (the grid shows the captions of n training
+        examples spread over the dataset, chosen by `seed`); null: ∅ for guidance."""
+        n = min(sample.num_samples, 64)
         n -= n % jax.device_count()
         n = max(n, jax.device_count())
         labels = grid_labels(n, model.num_classes)
         self._cond = {} if labels is None else {"label": labels}
         if text is not None:
-            self._cond.update(text.spread(n, seed=config.seed))
+            self._cond.update(text.spread(n, seed=seed))
         self._ncols = grid_columns(n, model.num_classes)
-        self._sampler = sampler_from_config(config, model, schedule, mesh, batch_size=n,
-                                            num_steps=num_steps, sampler="ancestral", null=null)
+        self._sampler = make_sampler(sample, model, schedule, mesh, image_shape=image_shape,
+                                     batch_size=n, num_steps=num_steps, sampler="ancestral",
+                                     null=null)
 
     def grid(self, params, seed: int) -> np.ndarray:
         images = self._sampler(params, jax.random.key(seed), self._cond)
@@ -260,10 +262,13 @@ class GridSampler:
 def write_samples(workdir: str, images: np.ndarray, labels: np.ndarray | None, ncols: int,
                   name: str, prompts: list[str] | None = None) -> dict[str, str]:
     """Writes `name`.png (grid) and `name`.npz (uint8 images [N,H,W,C], labels, prompts) in
-    workdir. prompts: the prompt of each image; a grid row per prompt is labelled with it."""
-    uint8 = metric_logging.to_uint8(images)
+    workdir (process 0 only); returns their paths. prompts: the prompt of each image; a grid
+    row per prompt is labelled with it."""
     png = os.path.join(workdir, f"{name}.png")
     npz = os.path.join(workdir, f"{name}.npz")
+    if not metric_logging.writes_files():
+        return {"png": png, "npz": npz}
+    uint8 = metric_logging.to_uint8(images)
     scale = max(1, 600 // (images.shape[2] * ncols))  # small digits: enlarge to be visible
     grid = metric_logging.make_grid(uint8, ncols)
     if prompts is not None:

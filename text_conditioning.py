@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+import config_lib
 import image_folder
 import input_pipeline
 from errors import UserError
@@ -75,7 +76,7 @@ def training_batcher(config: ml_collections.ConfigDict, source: input_pipeline.S
 def for_split(config: ml_collections.ConfigDict, text: captions.TextBatcher,
               split: str) -> captions.TextBatcher:
     """`text` (the training captions' batcher) for the examples of another split."""
-    source = input_pipeline.from_config(config.data, split)
+    source = input_pipeline.from_config(config_lib.data_args(config), split)
     return text.with_source(caption_source(config, source))
 
 

@@ -18,7 +18,6 @@ cannot express the attributes, and its agreement shows chance. Results go to
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -66,8 +65,9 @@ def text_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     schedule = schedules.schedule_from_name(config.diffusion.schedule,
                                             config.diffusion.num_timesteps)
     mesh = train_lib.make_mesh()
-    net = evaluator.feature_net(config, mesh)
-    real = evaluator.reference_stats(config, net, workdir)
+    eval_args, data = config_lib.eval_args(config), config_lib.data_args(config)
+    net = evaluator.feature_net(eval_args, mesh)
+    real = evaluator.reference_stats(eval_args, data, net, workdir)
     reference = digit_captions.mnist_5k_reference()
     requested = {a: prompts[a] for a in digit_captions.ATTRIBUTES}
     result = {"step": step, "conditioned_on": conditioned_on, "prompts": "heldout",
@@ -79,10 +79,10 @@ def text_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if scale > 0 and config.diffusion.p_uncond == 0:
             logging.warning("Skipping guidance scale %g: the model has no null condition.", scale)
             continue
-        sampler = sampling_lib.sampler_from_config(config, model, schedule, mesh,
-                                                   batch_size=s.batch_size,
-                                                   num_steps=s.num_steps, guidance_scale=scale,
-                                                   null=null)
+        sampler = sampling_lib.make_sampler(config_lib.sample_args(config), model, schedule,
+                                            mesh, image_shape=data.image_shape,
+                                            batch_size=s.batch_size, num_steps=s.num_steps,
+                                            guidance_scale=scale, null=null)
         images = sampling_lib.sample_many(sampler, params, num_samples=len(labels), cond=cond,
                                           seed=s.seed)
         uint8 = metric_logging.to_uint8(images)
@@ -92,10 +92,8 @@ def text_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
         scalars.update({f"text_eval/{k}_w{scale:g}": v for k, v in row.items()})
         logging.info("text_eval w=%g: %s", scale, ", ".join(f"{k} {v:.3f}" for k, v in
                                                            row.items()))
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "text_eval.json"), "w") as f:
-            json.dump(result, f, indent=1)
-    writer = metric_logging.Writer(workdir, enabled=jax.process_index() == 0)
+    metric_logging.write_json(os.path.join(workdir, "text_eval.json"), result)
+    writer = metric_logging.Writer(workdir, enabled=metric_logging.writes_files())
     writer.scalars(step, scalars)
     writer.close()
     return result

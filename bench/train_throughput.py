@@ -1,8 +1,9 @@
 """Training and forward throughput of the project's UNet: ms/step, img/s, GFLOP/s, compile time.
 
-The step timed is the trainer's own (`train_lib.train_step`: q_sample, ε-MSE, Adam, EMA), on
-random data of the right shape, sharded as the trainer shards each step: state replicated, batch
-split over a data-parallel mesh of all devices (on a CPU, two devices: cpu_runtime.py, section 4).
+The step timed is the trainer's own (`training_loop.train_step`: q_sample, ε-MSE, Adam, EMA),
+on random data of the right shape, sharded as the trainer shards each step: state replicated,
+batch split over a data-parallel mesh of all devices (on a CPU, two devices: cpu_runtime.py,
+section 4).
 FLOPs come from XLA's cost analysis of the compiled step (all devices together).
 
     python bench/train_throughput.py --model small --batch 64 --fwd-batch 256 --out small.json
@@ -38,6 +39,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import cpu_runtime  # noqa: E402
 import train_lib  # noqa: E402
+import training_loop  # noqa: E402
 from diffusion import gaussian, losses, schedules  # noqa: E402
 from models import UNet  # noqa: E402
 
@@ -115,7 +117,7 @@ def bench(args) -> dict:
 
     if "train" in args.mode:
         step = jax.jit(functools.partial(
-            train_lib.train_step, loss=loss, optimizer=optimizer, ema_decay=0.9999,
+            training_loop.train_step, loss=loss, optimizer=optimizer, ema_decay=0.9999,
             lr_fn=optax.constant_schedule(2e-4), base_key=key), donate_argnums=0,
             out_shardings=(replicated, replicated))
         batch = {"image": jax.device_put(jax.random.normal(key, (args.batch, *shape)), split)}

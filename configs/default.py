@@ -137,6 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
     classifier.batch_size = 128      # global batch, a multiple of the device count
     classifier.num_steps = 100_000
     classifier.ema_decay = 0.0       # 0 = guide with the raw parameters
+    classifier.steps_per_dispatch = 1  # updates per jitted call; divides every interval below
     classifier.log_every = 100
     classifier.checkpoint_every = 5000
 

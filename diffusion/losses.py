@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from diffusion import gaussian
 from diffusion.gaussian import PREDICTIONS, VAR_TYPES, check_choice
 from diffusion.schedules import Schedule
+from errors import ConfigError
 
 LOSS_TYPES = ("simple", "hybrid", "vlb")
 WEIGHTINGS = ("none", "min_snr")
@@ -216,7 +217,7 @@ def training_losses(
     check_choice("weighting", weighting, WEIGHTINGS)
     problem = loss_options_problem(loss_type, var_type, weighting)
     if problem:
-        raise ValueError(problem)
+        raise ConfigError(problem)
     learned = var_type == "learned_range"
     channels = x0.shape[-1]
     want = 2 * channels if learned else channels

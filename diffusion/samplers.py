@@ -71,6 +71,7 @@ import jax.numpy as jnp
 from diffusion import gaussian, guidance
 from diffusion.gaussian import PREDICTIONS, VAR_TYPES, check_choice, extract
 from diffusion.schedules import SPACINGS, T_SPACINGS, Schedule, respace_schedule
+from errors import ConfigError
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (x_t [B,...], t int32 [B]) -> out
 # (x_t [B,...], t int32 [B]) -> s ∇ₓ log p_φ(y | x_t, t) [B,...], the scaled classifier gradient.
@@ -340,7 +341,7 @@ class SamplerSpec:
         check_choice("var_type", self.var_type, VAR_TYPES)
         problem = spacing_problem(self.sampler, self.spacing)
         if problem:
-            raise ValueError(problem)
+            raise ConfigError(problem)
 
     @property
     def entry(self) -> SamplerEntry:

@@ -2,11 +2,14 @@
 
     python -m evaluation.mnist_classifier --train   # ~1 min on 2 CPU cores; rewrites the weights
     python -m evaluation.mnist_classifier           # held-out accuracy of the committed weights
+    python -m evaluation.mnist_classifier --train --workdir=DIR --out=FILE  # checkpointed
 
 The trained parameters ship in the repository as `mnist_classifier.msgpack` (flax.serialization
-msgpack: arrays only, no pickles), so neither users nor tests retrain. Training is deterministic
-for a given seed on a given machine; it reads only mnist_5k's "train" split and reports accuracy
-on the 500 held-out "test" digits, which it never sees.
+msgpack: arrays only, no pickles), so neither users nor tests retrain. Training goes through the
+project's one training loop (training_loop.py) and is deterministic for a given seed on a given
+machine; it reads only mnist_5k's "train" split and reports accuracy on the 500 held-out "test"
+digits, which it never sees. The committed weights (98.0%) were trained before that loop, on
+batches drawn with replacement; `--train` now gives other weights of the same quality (98.2%).
 
 Architecture (93k parameters, 365 KiB, inputs [B, 28, 28, 1] in [-1, 1]):
 
@@ -22,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import pathlib
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,8 +37,14 @@ import numpy as np
 import optax
 from flax import serialization
 
+import checkpointing
 import input_pipeline
-from errors import MissingFileError
+import interrupts
+import metric_logging
+import training_loop
+import workdir_lock
+from errors import MissingFileError, UserError
+from run_args import LoopArgs
 
 WEIGHTS_PATH = pathlib.Path(__file__).with_name("mnist_classifier.msgpack")
 IMAGE_SHAPE = (28, 28, 1)
@@ -90,7 +99,10 @@ def load_classifier(path: str | pathlib.Path = WEIGHTS_PATH) -> tuple[Callable, 
     want = jax.tree.map(lambda a: a.shape, _abstract_params())
     got = jax.tree.map(lambda a: a.shape, params)
     if want != got:
-        raise ValueError(f"{path} does not hold MnistCNN parameters: shapes {got}, want {want}.")
+        raise UserError(f"{path} does not hold MnistCNN parameters: shapes {got}, want {want}. "
+                        f"Fix: restore the committed weights (`git checkout -- "
+                        f"{WEIGHTS_PATH.name}`) or retrain with `python -m "
+                        f"evaluation.mnist_classifier --train`.")
     return logits_fn, jax.tree.map(jnp.asarray, params)
 
 
@@ -106,14 +118,32 @@ def _to_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / 127.5 - 1.0
 
 
-def _random_shift(images: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
-    """Translates each image by up to ±max_shift pixels (zero = background fill)."""
+def shift_images(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, max_shift: int) -> np.ndarray:
+    """Translates image i of [N, H, W, C] in [-1, 1] by (max_shift - dy[i], max_shift - dx[i])
+    pixels (down, right), dy and dx [N] in [0, 2 max_shift]; the background (-1) fills in."""
     n, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)))
-    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
+    padded = np.pad(images, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)),
+                    constant_values=-1.0)
     rows = dy[:, None] + np.arange(h)                                     # [N, H]
     cols = dx[:, None] + np.arange(w)                                     # [N, W]
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def _shifted_batch(batch: dict, *, seed: int, max_shift: int, step: int, indices: np.ndarray,
+                   rows: slice) -> dict:
+    """The loop's data transform: each image of the global batch at `step` shifted by up to
+    ±max_shift pixels, drawn from (seed, step) alone (so a resumed run sees the same)."""
+    shifts = np.random.default_rng([seed, step, 2]).integers(0, 2 * max_shift + 1,
+                                                             size=(2, len(indices)))
+    dy, dx = shifts[:, rows]
+    return {"image": shift_images(batch["image"], dy, dx, max_shift), "label": batch["label"]}
+
+
+def _loss(params: Any, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+    del key  # deterministic: no dropout
+    logits = logits_fn(params, batch["image"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
 
 def accuracy(params: Any, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> float:
@@ -127,34 +157,34 @@ def accuracy(params: Any, images: np.ndarray, labels: np.ndarray, batch_size: in
 
 
 def train(*, num_steps: int = 800, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
-          log: Callable[[str], None] = print) -> Any:
-    """Adam with cosine decay on the 4,500 training digits (random ±2 px shifts); returns params."""
-    data = input_pipeline.load_mnist_5k("train")
-    model = MnistCNN()
-    params = model.init(jax.random.key(seed), jnp.zeros((1, *IMAGE_SHAPE)))["params"]
-    optimizer = optax.adamw(optax.cosine_decay_schedule(lr, num_steps), weight_decay=1e-4)
-    opt_state = optimizer.init(params)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, images, labels):
-        def loss_fn(p):
-            logits = logits_fn(p, images)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    rng = np.random.default_rng(seed)
-    start = time.perf_counter()
-    for i in range(num_steps):
-        idx = rng.integers(0, len(data), batch_size)
-        images = _to_float(_random_shift(data.images[idx], rng, max_shift=2))
-        params, opt_state, loss = step(params, opt_state, images, data.labels[idx])
-        if (i + 1) % 100 == 0 or i + 1 == num_steps:
-            log(f"step {i + 1}/{num_steps} | loss {float(loss):.4f} | "
-                f"{(i + 1) / (time.perf_counter() - start):.1f} steps/s")
-    return params
+          workdir: str | None = None) -> tuple[Any, bool]:
+    """AdamW with cosine decay on the 4,500 training digits (random ±2 px shifts), through the
+    project's training loop (training_loop.py): the batches are epochs of a permutation drawn
+    from (seed, step). workdir: checkpoints every 100 steps and resumes from them (None: none).
+    Returns (params, whether a stop signal ended it early)."""
+    schedule = optax.cosine_decay_schedule(lr, num_steps)
+    settings = {"num_steps": num_steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+    task = training_loop.Task(
+        init_params=lambda key: MnistCNN().init(key, jnp.zeros((1, *IMAGE_SHAPE)))["params"],
+        loss=_loss, optimizer=optax.adamw(schedule, weight_decay=1e-4), learning_rate=schedule,
+        source=input_pipeline.load_mnist_5k("train"), seed=seed,
+        transform=functools.partial(_shifted_batch, seed=seed, max_shift=2),
+        init_key=jax.random.key(seed), train_key=jax.random.key(seed),
+        name="mnist_classifier", title="the MNIST classifier",
+        shown=(("loss", "loss"), ("acc", "accuracy")), config_json=json.dumps(settings),
+        nan_fix="lower --lr")
+    loop = LoopArgs(batch_size=batch_size, num_steps=num_steps, log_every=100,
+                    checkpoint_every=100, keep_checkpoints=2)
+    if workdir is None:
+        state, stopped = training_loop.run(task, loop, None)
+        return state.params, stopped
+    with interrupts.handled(), workdir_lock.hold(workdir):
+        stored = checkpointing.stored_config(workdir)
+        if stored is not None and stored[1] != settings:
+            raise UserError(f"--workdir={workdir} holds a run with {stored[1]}, not {settings}. "
+                            f"Fix: resume with those flags, or use a new --workdir.")
+        state, stopped = training_loop.run(task, loop, workdir)
+    return state.params, stopped
 
 
 def main(argv: Sequence[str] | None = None) -> float:
@@ -162,11 +192,18 @@ def main(argv: Sequence[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", action="store_true", help="train and write --out")
     parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(WEIGHTS_PATH), help="weights file (msgpack)")
+    parser.add_argument("--workdir", default="",
+                        help="checkpoints of the training, resumed from (default: none)")
     args = parser.parse_args(argv)
     if args.train:
-        params = train(num_steps=args.steps, seed=args.seed)
+        params, stopped = train(num_steps=args.steps, lr=args.lr, seed=args.seed,
+                                workdir=args.workdir or None)
+        if stopped:
+            print(f"stopped; resume with the same command (--workdir={args.workdir})")
+            return float("nan")
         save_params(params, args.out)
         print(f"wrote {args.out} ({pathlib.Path(args.out).stat().st_size / 1024:.0f} KiB)")
     _, params = load_classifier(args.out)
@@ -177,4 +214,5 @@ def main(argv: Sequence[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
+    metric_logging.log_to_stderr()  # the training loop's progress lines
     main()

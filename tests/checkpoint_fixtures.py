@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import checkpointing
+import config_lib
 import train_lib
 from configs import tiny
 
@@ -30,8 +31,8 @@ def tiny_config(**overrides):
 def _init_fn(config):
     model = train_lib.create_model(config)
     image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    return functools.partial(train_lib.init_state, model, train_lib.create_optimizer(config),
-                             image_shape=image_shape)
+    optimizer = train_lib.create_optimizer(config_lib.optim_args(config))
+    return functools.partial(train_lib.init_state, model, optimizer, image_shape=image_shape)
 
 
 def abstract_state(config):

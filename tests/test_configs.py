@@ -9,7 +9,7 @@ import pytest
 
 import config_lib
 import train_lib
-from configs import cifar, lsun256, tiny
+from configs import cifar, lsun256, mnist_classifier, tiny
 
 
 @pytest.mark.parametrize("name", ["default", "cifar", "mnist", "tiny", "celeba64", "lsun256"])
@@ -97,3 +97,14 @@ def test_bad_config_is_rejected_before_compiling(field, value, message, tmp_path
     assert "\n" not in str(info.value)
     assert not compiled, "a bad config reached jax.jit"
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_classifier_steps_per_dispatch_must_divide_its_intervals():
+    config = mnist_classifier.get_config()
+    config.classifier.steps_per_dispatch = 2
+    config_lib.validate_classifier(config, num_devices=1)  # 2000, 50 and 500 are multiples
+    assert config_lib.classifier_train_args(config).steps_per_dispatch == 2
+    config.classifier.steps_per_dispatch = 3
+    with pytest.raises(config_lib.ConfigError, match=r"classifier.num_steps=2000 must be a "
+                       r"non-negative multiple of classifier.steps_per_dispatch=3\. Fix:"):
+        config_lib.validate_classifier(config, num_devices=1)

@@ -279,8 +279,9 @@ def trained_workdir(tmp_path_factory):
     config = _config()
     model = train_lib.create_model(config)
     image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    optimizer = train_lib.create_optimizer(config_lib.optim_args(config))
     shapes = jax.eval_shape(lambda key: train_lib.init_state(
-        model, train_lib.create_optimizer(config), key, image_shape), jax.random.key(0))
+        model, optimizer, key, image_shape), jax.random.key(0))
     # In the state's own dtypes (the step and Adam's count are integers), as restored: the
     # checkpoint's digest is over the arrays as saved.
     state = jax.tree.map(lambda r, a: r.astype(a.dtype), _random_like(shapes, 0), shapes)

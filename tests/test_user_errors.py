@@ -15,7 +15,7 @@ from cli_runs import REPO, cli, env, run
 
 import checkpointing
 import config_lib
-import train_lib
+import training_loop
 from configs import tiny
 
 CIFAR_SHAPE = ("--config.data.name=cifar10", "--config.data.image_size=32",
@@ -127,8 +127,8 @@ def test_evaluation_settings_are_checked_only_where_they_are_used():
 ])
 def test_the_nan_message_says_what_is_kept(last_checkpoint, says):
     history = [(4, {"loss": np.array([0.5, np.nan]), "grad_norm": np.array([1.0, 1.0])})]
-    with pytest.raises(train_lib.NonFiniteLossError) as info:
-        train_lib.check_finite(history, last_checkpoint)
+    with pytest.raises(training_loop.NonFiniteLossError) as info:
+        training_loop.check_finite(history, last_checkpoint)
     assert "train/loss is nan at step 6" in str(info.value) and says in str(info.value)
 
 
