@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -139,6 +140,8 @@ class Checkpointer:
         """Starts an asynchronous save; returns whether one was started. The digest of the
         arrays is computed here, from the arrays orbax is handed, before they are written."""
         meta = {**meta, "state_sha256": state_digest(state)}
+        self.wait_until_finished()  # (orbax waits for it too) so that the disk's room is known
+        self._check_room(step, state)
         try:
             started = self._manager.save(
                 step,
@@ -152,26 +155,63 @@ class Checkpointer:
         self._saving = step
         return started
 
+    def _check_room(self, step: int, state: Any) -> None:
+        """A save that cannot fit stops before anything is written: the arrays' bytes (this
+        process's share) plus ~1 KiB of metadata per array are a lower bound of what orbax
+        writes, so this never refuses a save that would have fitted. A disk that fills during
+        the write is handled by `_raise_write_error`."""
+        leaves = jax.tree.leaves(state)
+        needed = (sum(getattr(a, "nbytes", 0) for a in leaves) // jax.process_count()
+                  + 1024 * len(leaves))
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:  # not a local path (e.g. gs://): no check
+            return
+        if free < needed:
+            self._raise_write_error(
+                OSError(errno.ENOSPC, f"{needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} "
+                                      f"MiB free"), step)
+
     def _raise_write_error(self, error: Exception, step: int) -> None:
         """A full or read-only disk: remove the incomplete save, raise one line. Other errors
         return (the caller re-raises them with their traceback)."""
         code = _os_error_code(error)
         if code not in _WRITE_ERRNOS:
             return
-        removed = []
-        if not self.read_only and jax.process_index() == 0:
-            for path in glob.glob(os.path.join(self.directory, _TMP_GLOB)):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(os.path.basename(path))
+        removed = self._remove_incomplete() if jax.process_index() == 0 else []
         fix = ("free space on that disk (df -h {d}) or move the workdir to a disk with room, "
                "then resume" if code in (errno.ENOSPC, errno.EDQUOT)
                else "make {d} writable, or resume with a --workdir you can write to")
         latest = [s for s in self.all_steps() if s != step]
+        detail = f" ({error.strerror})" if isinstance(error, OSError) and error.strerror != \
+            os.strerror(code) else ""
         raise CheckpointWriteError(
-            f"Saving checkpoint {step} in {self.directory} failed: {os.strerror(code)}. "
+            f"Saving checkpoint {step} in {self.directory} failed: {os.strerror(code)}{detail}. "
             f"Removed the incomplete save ({', '.join(removed) or 'none left'}); the "
             f"checkpoints before it are intact (latest: {latest[-1] if latest else 'none'}). "
             f"Fix: {fix.format(d=self.directory)}.") from error
+
+    def _remove_incomplete(self, settle_s: float = 0.2, timeout_s: float = 30.0) -> list[str]:
+        """Removes the `*.orbax-checkpoint-tmp` directories; returns their names. The first
+        failed write is reported while orbax's other writer threads may still be writing into
+        the same directory (and recreate it), so this repeats until none has reappeared for
+        `settle_s`."""
+        if self.read_only:
+            return []
+        removed: set[str] = set()
+        deadline = time.monotonic() + timeout_s
+        quiet_since = None
+        while time.monotonic() < deadline:
+            paths = glob.glob(os.path.join(self.directory, _TMP_GLOB))
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.add(os.path.basename(path))
+            now = time.monotonic()
+            quiet_since = None if paths else quiet_since or now
+            if quiet_since is not None and now - quiet_since >= settle_s:
+                break
+            time.sleep(0.05)
+        return sorted(removed)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores `step` into the shapes, dtypes and shardings of `abstract_state` and checks

@@ -9,7 +9,8 @@ written to disk (uint8):
 * digit accuracy and confidence by the offline MNIST classifier, background cleanliness, and
   MNIST-FID against the training digits (evaluation/digit_quality.py);
 * thickness and slant agreement measured from the pixels, relative to the requested digit's
-  class median (text/digit_captions.py), over the prompts that name the attribute: chance 50%.
+  class median (text/digit_captions.py), over the prompts that name the attribute: chance 50%;
+  also split by the attribute's wording: a word no training caption has, or a training synonym.
 
 A class-conditional model (no text) is evaluated on the same prompts through their labels: it
 cannot express the attributes, and its agreement shows chance. Results go to
@@ -22,6 +23,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 import config_lib
@@ -70,6 +72,8 @@ def text_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     real = evaluator.reference_stats(eval_args, data, net, workdir)
     reference = digit_captions.mnist_5k_reference()
     requested = {a: prompts[a] for a in digit_captions.ATTRIBUTES}
+    meaning = digit_captions.caption_meaning("heldout")
+    novel = {a: meaning[f"novel_{a}"][prompts["caption"]] for a in digit_captions.ATTRIBUTES}
     result = {"step": step, "conditioned_on": conditioned_on, "prompts": "heldout",
               "num_prompts": len(labels), "sampler": s.sampler,
               "num_steps": s.num_steps or config.diffusion.num_timesteps, "seed": s.seed,
@@ -88,6 +92,7 @@ def text_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
         uint8 = metric_logging.to_uint8(images)
         row = digit_quality.judge(net, uint8, labels, real=real)
         row.update(digit_captions.attribute_agreement(uint8, labels, requested, reference))
+        row.update(_by_wording(uint8, labels, requested, novel, reference))
         result["scales"][f"{scale:g}"] = row
         scalars.update({f"text_eval/{k}_w{scale:g}": v for k, v in row.items()})
         logging.info("text_eval w=%g: %s", scale, ", ".join(f"{k} {v:.3f}" for k, v in
@@ -97,3 +102,16 @@ def text_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.scalars(step, scalars)
     writer.close()
     return result
+
+
+def _by_wording(images, labels, requested: dict, novel: dict, reference) -> dict[str, float]:
+    """Attribute agreement split by the attribute's wording: a word never seen in training
+    ("chunky", "tipped") or one of the training synonyms in a held-out phrasing."""
+    out = {}
+    for a in digit_captions.ATTRIBUTES:
+        for name, subset in (("new_word", novel[a]), ("train_word", ~novel[a])):
+            masked = {b: np.where(subset, requested[b], digit_captions.NONE) if b == a
+                      else np.full_like(requested[b], digit_captions.NONE) for b in requested}
+            out[f"{a}_{name}"] = digit_captions.attribute_agreement(
+                images, labels, masked, reference)[a]
+    return out

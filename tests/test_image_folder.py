@@ -26,7 +26,7 @@ import image_folder
 import images
 import input_pipeline
 import text_conditioning
-import train_lib
+import training_loop
 from configs import default, tiny
 
 RNG = np.random.default_rng(0)
@@ -441,10 +441,10 @@ def test_skipped_image_brings_its_own_label_and_caption(folder):
         return {"image": batch["image"], "caption": captions.choose(indices, seed=0, step=step,
                                                                     rows=rows)}
 
-    mesh = train_lib.make_mesh()
+    mesh = training_loop.make_mesh()
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-    out = train_lib.global_batches(source, config, 0, 1, sharding, batch_size=8,
-                                   transform=transform)
+    out = training_loop.global_batches(source, 0, 1, sharding, seed=config.seed, batch_size=8,
+                                       random_flip=False, transform=transform)
     broken = source.files.index(os.path.join("dog", "2019", "c_broken.jpg"))
     planned = input_pipeline.global_batch_indices(config.seed, 0, 8, len(source))
     assert broken in planned and broken not in seen["indices"]  # 8 of 8: the batch holds it

@@ -162,6 +162,26 @@ def test_a_full_disk_stops_with_one_line_and_removes_the_incomplete_save(tmp_pat
                                       read_only=True).all_steps() == [1]
 
 
+def test_a_save_that_cannot_fit_stops_before_writing(tmp_path, monkeypatch):
+    ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3)
+    state = {"w": jnp.zeros(2**20 // 4)}  # 1 MiB
+    ckpt.save(1, state, {"step": 1}, force=True)
+    ckpt.wait_until_finished()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage",
+                        lambda path: usage._replace(free=2**19))
+    with pytest.raises(checkpointing.CheckpointWriteError) as info:
+        ckpt.save(2, state, {"step": 2}, force=True)
+    assert "failed: No space left on device (1.0 MiB needed, 0.5 MiB free)" in str(info.value)
+    assert "latest: 1" in str(info.value)
+    assert not _tmp_dirs(tmp_path)
+    monkeypatch.undo()
+    assert ckpt.save(2, state, {"step": 2}, force=True)  # room again: saves
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [1, 2]
+    ckpt.close()
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 2.5 MB tmpfs (room for one tiny checkpoint, not two): root only."""
@@ -178,13 +198,18 @@ def small_tmpfs(tmp_path):
 
 
 def test_a_real_full_disk_gives_one_line(small_tmpfs):
+    """The disk has 256 KiB left: the first save stops before orbax writes (checkpointing's
+    room check); a disk that fills during the write is the test above."""
+    free = shutil.disk_usage(small_tmpfs).free
+    (small_tmpfs / "ballast").write_bytes(b"\0" * (free - 256 * 1024))
     proc = run(small_tmpfs / "w", "--config.train.num_steps=6", check=False)
     err = proc.stderr
     assert proc.returncode == 1, err[-3000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert re.fullmatch(rf"error: Saving checkpoint \d+ in {small_tmpfs / 'w' / 'checkpoints'} "
-                        rf"failed: No space left on device\. .*Fix: free space on that disk.*",
+    assert re.fullmatch(rf"error: Saving checkpoint 2 in {small_tmpfs / 'w' / 'checkpoints'} "
+                        rf"failed: No space left on device \(.* MiB needed, .* MiB free\)\. "
+                        rf".*Fix: free space on that disk.*",
                         last), last
     assert not _tmp_dirs(small_tmpfs / "w")
     assert len(err.splitlines()) < 20  # not 843 lines of tracebacks
