@@ -48,6 +48,23 @@ from absl import logging
 import workdir_lock
 from errors import MissingFileError, UserError
 
+# orbax splits the save of every replicated array into one slice per replica (a device-to-host
+# copy and a chunk write each): 3,655 slices for the tiny config's 463 arrays on 8 devices, ~4 s
+# per save on a CPU against ~0.9 s whole (measured, Intel Xeon 2-core VM). Only arrays whose
+# slices would hold >= 4 MiB are split; larger states keep the parallel write.
+MIN_REPLICA_SLICE_BYTES = 4 << 20
+
+
+def _register_array_handler() -> None:
+    from orbax.checkpoint._src.metadata import array_metadata_store  # as orbax's default
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            array_metadata_store=array_metadata_store.Store(),
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+
+
+_register_array_handler()
+
 DAMAGED_DIR = "checkpoints_damaged"
 _TMP_GLOB = "*.orbax-checkpoint-tmp*"
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
