@@ -56,7 +56,7 @@ def _abstract_state(config: ml_collections.ConfigDict, model: NoisyClassifier,
                     sharding: NamedSharding):
     """The TrainState's shapes (no allocation)."""
     init = functools.partial(_init_params, model,
-                             image_shape=config_lib.data_args(config).image_shape)
+                             image_shape=config_lib.data_args(config).spec.shape)
     return training_loop.abstract_state(
         lambda key: training_loop.initial_state(init(key), _optimizer(config)),
         jax.random.key(0), sharding)
@@ -95,7 +95,7 @@ def _train_classifier(config: ml_collections.ConfigDict, directory: str) -> Trai
     model = create_classifier(config)
     schedule = schedules.schedule_from_name(diffusion.schedule, diffusion.num_timesteps)
     task = training_loop.Task(
-        init_params=functools.partial(_init_params, model, image_shape=data.image_shape),
+        init_params=functools.partial(_init_params, model, image_shape=data.spec.shape),
         loss=functools.partial(loss_fn, model=model, schedule=schedule),
         optimizer=_optimizer(config),
         learning_rate=optax.constant_schedule(config.classifier.lr),
@@ -128,8 +128,8 @@ def evaluate(config: ml_collections.ConfigDict, model: NoisyClassifier, params: 
     source = input_pipeline.from_config(data, data.eval_split)
     images, labels = source.get(np.arange(min(len(source), max_examples)))
     b = config.classifier.batch_size
-    x0 = input_pipeline.preprocess(np.resize(images, (-(-len(images) // b) * b, *images.shape[1:])),
-                                   None)  # padded to whole batches: one compilation
+    # Padded to whole batches: one compilation.
+    x0 = data.spec.encode(np.resize(images, (-(-len(images) // b) * b, *images.shape[1:])))
 
     @jax.jit
     def predict(params, x0, t_value, key):

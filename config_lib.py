@@ -376,7 +376,8 @@ def validate_classifier(config: ml_collections.ConfigDict, *, num_devices: int) 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
     """Typed keyword arguments of `models.UNet` for this config."""
     m = config.model
-    out_ch = config.data.num_channels * (2 if config.diffusion.var_type == "learned_range" else 1)
+    channels = data_args(config).spec.shape[-1]  # of model space
+    out_ch = channels * (2 if config.diffusion.var_type == "learned_range" else 1)
     width, pooled_width = text_widths(config)
     pooled = m.text_conditioning in ("pooled", "both")
     tokens = m.text_conditioning in ("cross_attention", "both")

@@ -77,14 +77,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         real = evaluator.reference_stats(e, data, net, workdir)
         num_steps = s.spec.num_steps or diffusion.num_timesteps
         sampler = sampling_lib.make_sampler(s, model, schedule, mesh,
-                                            image_shape=data.image_shape,
+                                            image_shape=data.spec.shape,
                                             batch_size=s.batch_size,
                                             num_steps=s.spec.num_steps or 0, null=null)
         logging.info("%s of %d samples (%s, %s steps, guidance %g) vs %d %s/%s images.",
                      net.metric("FID"), e.fid_num_samples, s.spec.sampler, num_steps,
                      s.guidance_scale, real.count, data.name, e.fid_ref_split)
         fake = sample_quality.sample_stats(
-            net, sampler, params, num_samples=e.fid_num_samples,
+            net, sampler, params, decode=data.spec.decode, num_samples=e.fid_num_samples,
             num_classes=model.num_classes, seed=e.seed, num_splits=e.is_splits,
             kid_max_features=e.kid_max_features, log=logging.info, cond_fn=fid_cond)
         metrics = evaluator.compare(e, net, real, fake)

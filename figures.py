@@ -34,6 +34,7 @@ import input_pipeline
 import metric_logging
 import sampling_lib
 import train_lib
+from data_spec import DataSpec, encode_pixels
 from diffusion import gaussian, samplers, schedules
 from errors import MissingFileError
 
@@ -79,7 +80,7 @@ def load_image(image_path: str | None = None, index: int = 0) -> np.ndarray:
 
         with Image.open(image_path) as im:
             image = np.asarray(im.convert("L").resize((28, 28)))[..., None]
-    return image.astype(np.float32) / 127.5 - 1.0
+    return encode_pixels(image)
 
 
 def _log_snr(name: str, num_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +158,7 @@ def isotropy_figure(path: str, images: np.ndarray | None = None, *, schedule_nam
     gives one pair of distinct random pixel positions. The mean, variance and correlation drawn
     on the figure are measured on these points. Returns (path, stats, the text drawn).
     """
-    x0 = (input_pipeline.load("mnist_5k", "train").images.astype(np.float32) / 127.5 - 1.0
+    x0 = (encode_pixels(input_pipeline.load("mnist_5k", "train").images)
           if images is None else np.asarray(images, np.float32))
     schedule = schedules.schedule_from_name(schedule_name, num_timesteps)
     n = x0.shape[0]
@@ -232,9 +233,9 @@ def reverse_chain(model_fn: samplers.ModelFn, schedule: schedules.Schedule,
     return timestep_map[num - 1 - iterations], np.stack(xs), np.stack(x0s)
 
 
-def _tile(images: np.ndarray) -> np.ndarray:
-    """[B, H, W, C] in [-1, 1] -> one float image in [-1, 1] with the B images side by side."""
-    return metric_logging.make_grid(metric_logging.to_uint8(images), len(images)) / 127.5 - 1.0
+def _tile(images: np.ndarray, spec: DataSpec) -> np.ndarray:
+    """Model-space [B, ...] -> one image in [-1, 1] with the B decoded images side by side."""
+    return encode_pixels(metric_logging.make_grid(spec.decode(images), len(images)))
 
 
 def _host_params(params):
@@ -265,8 +266,8 @@ def reverse_chain_figure(path: str, config: ml_collections.ConfigDict, workdir: 
     model, params, step = restored or _restore(config, workdir)
     schedule = schedules.schedule_from_name(config.diffusion.schedule,
                                             config.diffusion.num_timesteps)
-    shape = (num_images, config.data.image_size, config.data.image_size,
-             config.data.num_channels)
+    data = config_lib.data_args(config)
+    shape = (num_images, *data.spec.shape)
     model_fn = sampling_lib.guided_model_fn(model, _host_params(params),
                                             _figure_cond(num_images, model.num_classes),
                                             config.sample.guidance_scale)
@@ -282,7 +283,7 @@ def reverse_chain_figure(path: str, config: ml_collections.ConfigDict, workdir: 
             for k, (name, images) in enumerate((("x_t", xs), ("x̂_0", x0s))):
                 ax = axes[2 * r + k, col]
                 if col < len(ts):
-                    _show(ax, _tile(images[col]), f"t={ts[col]}" if k == 0 else "")
+                    _show(ax, _tile(images[col], data.spec), f"t={ts[col]}" if k == 0 else "")
                 else:
                     ax.axis("off")
                 if col == 0:
@@ -327,14 +328,13 @@ def guidance_figure(path: str, config: ml_collections.ConfigDict, workdir: str, 
     fig, axes = _figure(size_px, len(scales), 1)
     for row, scale in enumerate(scales):
         sampler = sampling_lib.make_sampler(
-            sample, model, schedule, mesh, image_shape=data.image_shape, batch_size=batch,
+            sample, model, schedule, mesh, image_shape=data.spec.shape, batch_size=batch,
             num_steps=min(num_steps, schedule.num_timesteps), guidance_scale=scale)
         images = sampling_lib.sample_many(sampler, params, num_samples=len(labels),
                                           cond={"label": labels}, seed=seed, log_progress=False)
         # Judged as shown: quantised to uint8, as guidance_sweep judges what it writes.
-        uint8 = metric_logging.to_uint8(images)
-        predicted = np.argmax(np.asarray(apply_fn(classifier_params,
-                                                  uint8.astype(np.float32) / 127.5 - 1.0)), -1)
+        uint8 = data.spec.decode(images)
+        predicted = np.argmax(np.asarray(apply_fn(classifier_params, encode_pixels(uint8))), -1)
         acc = float(np.mean(predicted == labels))
         accuracy["shown"][scale] = acc
         text = f"w = {scale:g}\nshown: {acc:.0%} of {len(labels)}"
@@ -343,7 +343,7 @@ def guidance_figure(path: str, config: ml_collections.ConfigDict, workdir: str, 
             accuracy["sweep"][scale] = swept
             text += f"\nsweep json: {swept:.1%} ({sweep.get('per_class')}/class)"
         ax = axes[row, 0]
-        _show(ax, metric_logging.make_grid(uint8, len(labels))[..., 0] / 127.5 - 1.0)
+        _show(ax, encode_pixels(metric_logging.make_grid(uint8, len(labels)))[..., 0])
         ax.set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(f"classifier-free guidance w (rows) × class {labels[0]}..{labels[-1]} "
                  f"(columns), checkpoint step {step}, {num_steps}-step {config.sample.sampler}; "
@@ -442,7 +442,7 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> dict[str, s
     restored = _restore(config, workdir)  # once, for both checkpoint figures
     paths["reverse_chain"] = reverse_chain_figure(os.path.join(out, "reverse_chain.png"),
                                                   config, workdir, restored=restored)
-    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    shape = config_lib.data_args(config).spec.image.shape
     if config.model.num_classes == 10 and config.diffusion.p_uncond > 0 and shape == (28, 28, 1):
         paths["guidance"] = guidance_figure(os.path.join(out, "guidance.png"), config,
                                             workdir, seed=config.sample.seed,

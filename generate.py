@@ -24,6 +24,7 @@ import metric_logging
 import sampling_lib
 import text_conditioning
 import train_lib
+from data_spec import encode_pixels
 from diffusion import schedules
 from models import conditioning
 from text import captions
@@ -77,8 +78,9 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
         text_cond, text_null = text_conditioning.prompt_cond(config, model, prompts)
         cond.update(text_cond)
         null = conditioning.null_cond(model.num_classes, text_null)
+    data = config_lib.data_args(config)
     sampler = sampling_lib.make_sampler(config_lib.sample_args(config), model, schedule, mesh,
-                                        image_shape=config_lib.data_args(config).image_shape,
+                                        image_shape=data.spec.shape,
                                         batch_size=s.batch_size, num_steps=s.num_steps,
                                         classifier=classifier, null=null)
     logging.info("Sampling %d images from step %d: %s, %d steps (%d network evaluations), "
@@ -99,7 +101,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
         groups = 0 if s.labels.strip() or s.unconditional else num_classes
     ncols = sampling_lib.grid_columns(s.num_samples, groups)
     paths = sampling_lib.write_samples(workdir, images, labels, ncols, name=name,
-                                       prompts=prompts)
+                                       prompts=prompts, decode=data.spec.decode)
     if metric_logging.writes_files():
         logging.info("Wrote %s and %s", paths["png"], paths["npz"])
     return paths
@@ -120,8 +122,8 @@ def guidance_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"model.num_classes={config.model.num_classes}, diffusion.p_uncond="
             f"{config.diffusion.p_uncond}. Fix: train one with model.num_classes > 0 and "
             f"--config.diffusion.p_uncond=0.1 (configs/mnist.py), in a new --workdir.")
-    shape = config_lib.data_args(config).image_shape
-    num_classes = mnist_classifier.NUM_CLASSES
+    data = config_lib.data_args(config)
+    shape, num_classes = data.spec.image.shape, mnist_classifier.NUM_CLASSES
     if shape != mnist_classifier.IMAGE_SHAPE or config.model.num_classes != num_classes:
         raise config_lib.ConfigError(
             f"--mode=guidance_sweep judges samples with the MNIST digit classifier, which needs "
@@ -137,13 +139,13 @@ def guidance_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "accuracy": {}, "accuracy_per_class": {}}
     sample = config_lib.sample_args(config)
     for scale in s.sweep_scales:
-        sampler = sampling_lib.make_sampler(sample, model, schedule, mesh, image_shape=shape,
-                                            batch_size=s.batch_size, num_steps=s.num_steps,
-                                            guidance_scale=scale)
+        sampler = sampling_lib.make_sampler(sample, model, schedule, mesh,
+                                            image_shape=data.spec.shape, batch_size=s.batch_size,
+                                            num_steps=s.num_steps, guidance_scale=scale)
         images = sampling_lib.sample_many(sampler, params, num_samples=len(labels),
                                           cond={"label": labels}, seed=s.seed)
-        # Judge what is written to disk: images quantised to uint8, mapped back to [-1, 1].
-        quantised = metric_logging.to_uint8(images).astype(np.float32) / 127.5 - 1.0
+        # Judge what is written to disk: the uint8 images, encoded as the classifier takes them.
+        quantised = encode_pixels(data.spec.decode(images))
         predicted = np.concatenate([np.asarray(classify(quantised[i:i + s.batch_size]))
                                     for i in range(0, len(quantised), s.batch_size)])
         correct = predicted == labels

@@ -64,6 +64,11 @@ class ImageSpec:
     size: int
     channels: int  # 1 or 3
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of one example."""
+        return (self.size, self.size, self.channels)
+
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
@@ -88,7 +93,7 @@ def _decode(payload: bytes | np.ndarray | OSError,
         raise payload
     if isinstance(payload, np.ndarray):
         array = payload[..., None] if payload.ndim == 2 else payload
-        if array.shape == (spec.size, spec.size, spec.channels):
+        if array.shape == spec.shape:
             return array
         return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     image = Image.open(io.BytesIO(payload))
@@ -225,7 +230,7 @@ class DecodingSource:
     def _store(self, i: int, image: np.ndarray, label: int, position: float,
                anywhere: bool) -> None:
         if self._cache is None:
-            n, shape = len(self), (self.spec.size, self.spec.size, self.spec.channels)
+            n, shape = len(self), self.spec.shape
             if n * int(np.prod(shape)) > self._cache_bytes:
                 return
             with self._lock:
@@ -291,7 +296,7 @@ class DecodingSource:
                     self._threads, thread_name_prefix="decode")
             results = list(self._pool.map(lambda part: self._read_chunk(*part), parts))
         rows = [row for chunk in results for row in chunk]
-        shape = (0, self.spec.size, self.spec.size, self.spec.channels)
+        shape = (0, *self.spec.shape)
         images = np.stack([r[0] for r in rows]) if rows else np.zeros(shape, np.uint8)
         return Examples(images=images, labels=np.asarray([r[1] for r in rows], np.int32),
                         indices=np.asarray([r[2] for r in rows], np.int64))

@@ -14,6 +14,8 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw, ImageFont
 
+import data_spec
+
 
 def writes_files() -> bool:
     """Whether this process writes a run's output files: process 0 only."""
@@ -30,8 +32,8 @@ def write_json(path: str, content) -> str:
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Images in [-1, 1] -> uint8 [0, 255] (rounded, clipped)."""
-    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """Images in [-1, 1] -> uint8 [0, 255] (rounded, clipped): `data_spec.decode_pixels`."""
+    return data_spec.decode_pixels(x)
 
 
 def make_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:

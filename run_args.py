@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from data_spec import DataSpec
 from diffusion.samplers import SamplerSpec
+from images import ImageSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +37,9 @@ class DataArgs:
     cache_mb: int
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(H, W, C) of one image."""
-        return (self.image_size, self.image_size, self.num_channels)
+    def spec(self) -> DataSpec:
+        """The images and the model's space: shape, encode, decode (data_spec.py)."""
+        return DataSpec(ImageSpec(size=self.image_size, channels=self.num_channels))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ line with steps/s and ETA between chunks, and the same images as one uninterrupt
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 import cpu_runtime
 import metric_logging
+from data_spec import DataSpec, decode_pixels
 from diffusion import guidance, samplers, schedules
 from models import NoisyClassifier, UNet, classifier_log_prob_grad, conditioning
 from run_args import SampleArgs
@@ -237,9 +239,10 @@ class GridSampler:
     """Periodic sample grids during training: a few respaced ancestral steps, EMA params."""
 
     def __init__(self, sample: SampleArgs, model: UNet, schedule: schedules.Schedule,
-                 mesh: jax.sharding.Mesh, *, image_shape: tuple[int, int, int], num_steps: int,
-                 seed: int, text=None, null: dict | None = None):
-        """Up to 64 images (sample.num_samples, a multiple of the device count). text: the
+                 mesh: jax.sharding.Mesh, *, data: DataSpec, num_steps: int, seed: int,
+                 text=None, null: dict | None = None):
+        """Up to 64 images (sample.num_samples, a multiple of the device count) of `data`,
+        sampled in its model space and decoded to uint8 for the grid. text: the
         trainer's `text.captions.TextBatcher` (the grid shows the captions of n training
         examples spread over the dataset, chosen by `seed`); null: ∅ for guidance."""
         n = min(sample.num_samples, 64)
@@ -250,30 +253,33 @@ class GridSampler:
         if text is not None:
             self._cond.update(text.spread(n, seed=seed))
         self._ncols = grid_columns(n, model.num_classes)
-        self._sampler = make_sampler(sample, model, schedule, mesh, image_shape=image_shape,
+        self._data = data
+        self._sampler = make_sampler(sample, model, schedule, mesh, image_shape=data.shape,
                                      batch_size=n, num_steps=num_steps, sampler="ancestral",
                                      null=null)
 
     def grid(self, params, seed: int) -> np.ndarray:
         images = self._sampler(params, jax.random.key(seed), self._cond)
-        return metric_logging.make_grid(metric_logging.to_uint8(images), self._ncols)
+        return metric_logging.make_grid(self._data.decode(images), self._ncols)
 
 
 def write_samples(workdir: str, images: np.ndarray, labels: np.ndarray | None, ncols: int,
-                  name: str, prompts: list[str] | None = None) -> dict[str, str]:
+                  name: str, prompts: list[str] | None = None,
+                  decode: Callable[[np.ndarray], np.ndarray] = decode_pixels) -> dict[str, str]:
     """Writes `name`.png (grid) and `name`.npz (uint8 images [N,H,W,C], labels, prompts) in
-    workdir (process 0 only); returns their paths. prompts: the prompt of each image; a grid
-    row per prompt is labelled with it."""
+    workdir (process 0 only); returns their paths. images: model outputs, made uint8 by
+    `decode` (a `DataSpec.decode`; default pixel space). prompts: the prompt of each image; a
+    grid row per prompt is labelled with it."""
     png = os.path.join(workdir, f"{name}.png")
     npz = os.path.join(workdir, f"{name}.npz")
     if not metric_logging.writes_files():
         return {"png": png, "npz": npz}
-    uint8 = metric_logging.to_uint8(images)
-    scale = max(1, 600 // (images.shape[2] * ncols))  # small digits: enlarge to be visible
+    uint8 = decode(images)
+    scale = max(1, 600 // (uint8.shape[2] * ncols))  # small digits: enlarge to be visible
     grid = metric_logging.make_grid(uint8, ncols)
     if prompts is not None:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-        grid = metric_logging.label_rows(grid, prompts[::ncols], row_height=images.shape[1] * scale,
+        grid = metric_logging.label_rows(grid, prompts[::ncols], row_height=uint8.shape[1] * scale,
                                          pad=2 * scale)
         scale = 1
     metric_logging.save_png(png, grid, scale=scale)

@@ -84,12 +84,12 @@ def text_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.warning("Skipping guidance scale %g: the model has no null condition.", scale)
             continue
         sampler = sampling_lib.make_sampler(config_lib.sample_args(config), model, schedule,
-                                            mesh, image_shape=data.image_shape,
+                                            mesh, image_shape=data.spec.shape,
                                             batch_size=s.batch_size, num_steps=s.num_steps,
                                             guidance_scale=scale, null=null)
         images = sampling_lib.sample_many(sampler, params, num_samples=len(labels), cond=cond,
                                           seed=s.seed)
-        uint8 = metric_logging.to_uint8(images)
+        uint8 = data.spec.decode(images)
         row = digit_quality.judge(net, uint8, labels, real=real)
         row.update(digit_captions.attribute_agreement(uint8, labels, requested, reference))
         row.update(_by_wording(uint8, labels, requested, novel, reference))

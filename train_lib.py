@@ -165,7 +165,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         return loss_fn(params, model, schedule, diffusion, batch, key, null)
 
     task = training_loop.Task(
-        init_params=functools.partial(init_params, model, image_shape=data.image_shape,
+        init_params=functools.partial(init_params, model, image_shape=data.spec.shape,
                                       null=null),
         loss=diffusion_loss, optimizer=optimizer, learning_rate=learning_rate_fn(optim),
         source=source, seed=config.seed, random_flip=data.random_flip,
@@ -191,8 +191,7 @@ def _hooks(config: ml_collections.ConfigDict, data: DataArgs, diffusion: Diffusi
     mesh = make_mesh()
     hooks = []
     if tr.sample_every:
-        sampler = sampling_lib.GridSampler(sample, model, schedule, mesh,
-                                           image_shape=data.image_shape,
+        sampler = sampling_lib.GridSampler(sample, model, schedule, mesh, data=data.spec,
                                            num_steps=tr.sample_num_steps, seed=config.seed,
                                            text=text, null=null)
 
@@ -226,7 +225,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, *,
     model = create_model(config)
     replicated = NamedSharding(make_mesh(), P())
     init_fn = functools.partial(init_state, model, create_optimizer(config_lib.optim_args(config)),
-                                image_shape=config_lib.data_args(config).image_shape,
+                                image_shape=config_lib.data_args(config).spec.shape,
                                 null=text_conditioning.shape_null(config, model))
     state, step = checkpointing.restore_latest(
         workdir, abstract_state(init_fn, jax.random.key(0, impl="rbg"), replicated),

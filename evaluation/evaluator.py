@@ -124,7 +124,7 @@ class PeriodicEvaluator:
         self._sampler = self._net = self._real = None
         if self.fid_every:
             self._sampler = sampling_lib.make_sampler(
-                sample, model, schedule, mesh, image_shape=data.image_shape,
+                sample, model, schedule, mesh, image_shape=data.spec.shape,
                 batch_size=sample.batch_size, num_steps=sample_num_steps, null=null)
 
     def due(self, step: int) -> bool:
@@ -148,7 +148,8 @@ class PeriodicEvaluator:
                 self._net = feature_net(e, self._mesh)
                 self._real = reference_stats(e, self._data, self._net, self._workdir)
             fake = sample_quality.sample_stats(
-                self._net, self._sampler, params, num_samples=e.fid_every_num_samples,
+                self._net, self._sampler, params, decode=self._data.spec.decode,
+                num_samples=e.fid_every_num_samples,
                 num_classes=self._model.num_classes, seed=step, num_splits=e.is_splits,
                 kid_max_features=e.kid_max_features, cond_fn=self._fid_cond)
             metrics = compare(e, self._net, self._real, fake)

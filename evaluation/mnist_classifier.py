@@ -43,6 +43,7 @@ import interrupts
 import metric_logging
 import training_loop
 import workdir_lock
+from data_spec import encode_pixels
 from errors import MissingFileError, UserError
 from run_args import LoopArgs
 
@@ -114,10 +115,6 @@ def save_params(params: Any, path: str | pathlib.Path) -> None:
 
 # --- training ------------------------------------------------------------------------------------
 
-def _to_float(images: np.ndarray) -> np.ndarray:
-    return images.astype(np.float32) / 127.5 - 1.0
-
-
 def shift_images(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, max_shift: int) -> np.ndarray:
     """Translates image i of [N, H, W, C] in [-1, 1] by (max_shift - dy[i], max_shift - dx[i])
     pixels (down, right), dy and dx [N] in [0, 2 max_shift]; the background (-1) fills in."""
@@ -151,7 +148,7 @@ def accuracy(params: Any, images: np.ndarray, labels: np.ndarray, batch_size: in
     fn = jax.jit(logits_fn)
     correct = 0
     for start in range(0, len(images), batch_size):
-        logits = np.asarray(fn(params, _to_float(images[start:start + batch_size])))
+        logits = np.asarray(fn(params, encode_pixels(images[start:start + batch_size])))
         correct += int(np.sum(np.argmax(logits, -1) == labels[start:start + batch_size]))
     return correct / len(images)
 

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 import input_pipeline
 import metric_logging
 import sampling_lib
+from data_spec import encode_pixels
 from evaluation import FEATURE_NETS, fid, inception, mnist_classifier
 
 MNIST_NOTE = ("MNIST-FID/KID/IS use the features of the project's MNIST classifier "
@@ -71,7 +72,7 @@ class FeatureNet:
             raise ValueError(f"feature network {self.name!r} takes images of shape "
                              f"{self.image_shape}, got {images.shape[1:]}")
         if images.dtype == np.uint8:
-            images = input_pipeline.preprocess(images, None)
+            images = encode_pixels(images)
         n = len(images)
         feats, logits = [], []
         for start in range(0, n, self.batch_size):
@@ -133,13 +134,15 @@ def reference_stats(net: FeatureNet, source: input_pipeline.Source, *, cache_dir
     return stats
 
 
-def sample_stats(net: FeatureNet, sampler: sampling_lib.Sampler, params, *, num_samples: int,
+def sample_stats(net: FeatureNet, sampler: sampling_lib.Sampler, params, *,
+                 decode: Callable[[np.ndarray], np.ndarray], num_samples: int,
                  num_classes: int, seed: int, num_splits: int = 10,
                  kid_max_features: int = 10_000,
                  log: Callable[[str], None] | None = None,
                  cond_fn: Callable[[int, int], dict] | None = None) -> fid.Stats:
     """Statistics of `num_samples` samples, streamed batch by batch (keys as
-    `sampling_lib.sample_many`); class-conditional models get balanced labels i mod K, or
+    `sampling_lib.sample_many`) and made uint8 by `decode` (the data's `DataSpec.decode`), as
+    sample files hold them; class-conditional models get balanced labels i mod K, or
     cond_fn(start, batch_size) gives the condition of samples start.. (e.g. captions)."""
     acc = fid.FeatureStats(num_samples, num_splits=num_splits, kid_max_features=kid_max_features)
     key = jax.random.key(seed)
@@ -154,7 +157,7 @@ def sample_stats(net: FeatureNet, sampler: sampling_lib.Sampler, params, *, num_
         if cond_fn is not None:
             cond = cond_fn(start, sampler.batch_size)
         images = sampler(params, jax.random.fold_in(key, i), cond)[:n]
-        acc.update(*net(metric_logging.to_uint8(images)))
+        acc.update(*net(decode(images)))
         if log:
             log("samples " + progress.line(i + 1, {"images": start + n}, progress.update(i + 1)))
     return acc.finalize()

@@ -16,7 +16,7 @@ from configs import default
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BELOW = ("diffusion", "models", "text", "evaluation", "sampling_lib.py", "training_loop.py",
-         "run_args.py", "input_pipeline.py", "metric_logging.py")
+         "run_args.py", "input_pipeline.py", "metric_logging.py", "data_spec.py")
 BOUNDARY = {"config_lib", "config_compat", "configs", "train_lib", "classifier_training",
             "generate", "evaluate", "text_eval", "figures", "text_conditioning", "main"}
 SECTIONS = set(default.get_config().keys())  # data, model, diffusion, ..., seed

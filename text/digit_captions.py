@@ -59,7 +59,7 @@ def _ink(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise ValueError(f"images have dtype {images.dtype}; measure uint8 images (write float "
-                         f"samples in [-1, 1] through metric_logging.to_uint8 first).")
+                         f"samples through their DataSpec.decode first).")
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     if images.ndim != 3:
