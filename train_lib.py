@@ -126,8 +126,10 @@ def checkpoint_meta(config: ml_collections.ConfigDict, step: int) -> dict:
                                          checkpointing.config_to_json(config))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (or resumes) in `workdir` until config.train.num_steps; returns the final state.
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          stop_when: training_loop.StopWhen | None = None) -> TrainState:
+    """Trains (or resumes) in `workdir` until config.train.num_steps, or until
+    stop_when(step, state) (training_loop.run) says stop; returns the final state.
 
     Before anything is built: the config is validated, the workdir locked (one training per
     workdir: workdir_lock.py) and the config compared with the one the latest checkpoint was
@@ -137,10 +139,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         config_lib.validate(config, num_devices=jax.device_count())
         with workdir_lock.hold(workdir):
             config_compat.check_resume(config, workdir)
-            return _train(config, workdir)
+            return _train(config, workdir, stop_when)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           stop_when: training_loop.StopWhen | None = None) -> TrainState:
     """`train` with the config validated and checked, and the workdir locked."""
     data = config_lib.data_args(config)
     # Open the data before anything is compiled.
@@ -179,7 +182,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         config_json=checkpointing.config_to_json(config),
         hparams=config_compat.flatten(config.to_dict()))
     hooks = _hooks(config, data, diffusion, model, schedule, text, null, workdir, source)
-    state, _ = training_loop.run(task, loop, workdir, hooks=hooks)
+    state, _ = training_loop.run(task, loop, workdir, hooks=hooks, stop_when=stop_when)
     return state
 
 

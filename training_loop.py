@@ -93,6 +93,10 @@ class Task:
 # A hook runs after every dispatch (after any save): hook(step, state, writer), e.g. a sample
 # grid every N steps.
 Hook = Callable[[int, TrainState, metric_logging.Writer], None]
+# stop_when(step, state) -> True ends the run early, as a stop request does (saved, returned):
+# called once before the first update and after every dispatch (before the save), e.g. a
+# wall-clock budget; on a multi-process run it must give every process the same answer.
+StopWhen = Callable[[int, TrainState], bool]
 
 
 # --- mesh, state ---------------------------------------------------------------------------------
@@ -201,11 +205,11 @@ def checkpoint_meta(step: int, batch_size: int, config_json: str) -> dict:
 
 # --- the loop ------------------------------------------------------------------------------------
 
-def run(task: Task, args: LoopArgs, workdir: str | None,
-        hooks: Sequence[Hook] = ()) -> tuple[TrainState, bool]:
+def run(task: Task, args: LoopArgs, workdir: str | None, hooks: Sequence[Hook] = (),
+        stop_when: StopWhen | None = None) -> tuple[TrainState, bool]:
     """Trains (or resumes from workdir's newest intact checkpoint) until args.num_steps;
-    returns (final state, whether it stopped early on a stop request). workdir None: no
-    checkpoints and no TensorBoard (nothing to resume from)."""
+    returns (final state, whether it stopped early on a stop request or `stop_when`). workdir
+    None: no checkpoints and no TensorBoard (nothing to resume from)."""
     mesh = make_mesh()
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(None, "data"))
@@ -242,7 +246,7 @@ def run(task: Task, args: LoopArgs, workdir: str | None,
                                        and metric_logging.writes_files())
         if start_step == 0 and task.hparams is not None:
             writer.hparams(task.hparams, task.config_json)
-        return _loop(task, args, state, update, batches, ckpt, writer, hooks)
+        return _loop(task, args, state, update, batches, ckpt, writer, hooks, stop_when)
     finally:
         if ckpt is not None:
             ckpt.wait_until_finished()
@@ -275,7 +279,7 @@ def _restore(task: Task, args: LoopArgs, ckpt: checkpointing.Checkpointer | None
 
 
 def _loop(task: Task, args: LoopArgs, state: TrainState, update, batches, ckpt, writer,
-          hooks: Sequence[Hook]) -> tuple[TrainState, bool]:
+          hooks: Sequence[Hook], stop_when: StopWhen | None) -> tuple[TrainState, bool]:
     if ckpt is not None:
         interrupts.STOP.defer()  # from here a stop saves at the next step boundary
     k = args.steps_per_dispatch
@@ -285,26 +289,29 @@ def _loop(task: Task, args: LoopArgs, state: TrainState, update, batches, ckpt, 
                                        range(int(jax.device_get(state.step)), args.num_steps, k),
                                        depth=task.prefetch)
     try:
-        return _steps(task, args, state, update, loader, ckpt, writer, hooks)
+        return _steps(task, args, state, update, loader, ckpt, writer, hooks, stop_when)
     finally:
         loader.close()
 
 
 def _steps(task: Task, args: LoopArgs, state: TrainState, update, loader, ckpt, writer,
-           hooks: Sequence[Hook]) -> tuple[TrainState, bool]:
+           hooks: Sequence[Hook], stop_when: StopWhen | None) -> tuple[TrainState, bool]:
     k = args.steps_per_dispatch
     step = int(jax.device_get(state.step))
     progress = metric_logging.Progress(step, args.num_steps, args.batch_size)
     stop_request = interrupts.STOP
     history: list[tuple[int, Any]] = []  # (first step, device metrics) not yet checked
+    if stop_when is not None and stop_when(step, state):
+        return state, True  # nothing new to save
     while step < args.num_steps:
         state, metrics = update(state, loader.get(step))
         history.append((step, metrics))
         step += k
 
         at_end = step == args.num_steps
-        stop = ckpt is not None and (stop_request.requested or (
-            step % args.log_every == 0 and stop_request.any_process()))
+        until = stop_when is not None and stop_when(step, state)
+        stop = until or (ckpt is not None and (stop_request.requested or (
+            step % args.log_every == 0 and stop_request.any_process())))
         save = ckpt is not None and (step % args.checkpoint_every == 0 or at_end or stop)
         if step % args.log_every == 0 or save or at_end:
             fetched = jax.device_get(history)
@@ -324,6 +331,9 @@ def _steps(task: Task, args: LoopArgs, state: TrainState, update, loader, ckpt, 
                       force=True)
         for hook in hooks:
             hook(step, state, writer)
+        if until:
+            logging.info("Stopped by stop_when at step %d%s.", step, " (saved)" if save else "")
+            return state, True
         if stop:
             logging.info("Preempted: saved step %d; exiting cleanly (%s).", step,
                          stop_request.signal_name or "stop signal on another process")

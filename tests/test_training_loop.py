@@ -116,3 +116,33 @@ def test_hooks_run_after_every_dispatch_and_a_stop_saves_and_returns(tmp_path, m
     assert seen == [(1, 1), (2, 2), (3, 3)]
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 3]
+
+
+def test_stop_when_is_asked_before_the_first_update_and_after_each_then_saves(tmp_path):
+    """A run cut by stop_when (as bench/quality_vs_time.py cuts at wall-clock budgets) saves
+    the step it stopped at, off the checkpoint interval, and resuming from it gives the
+    uninterrupted run's state bit for bit."""
+    asked = []
+
+    def stop_at(last):
+        def stop_when(step, state):
+            asked.append((step, int(state.step)))
+            return step >= last
+        return stop_when
+
+    state, stopped = training_loop.run(_task(), _args(num_steps=12), str(tmp_path / "cut"),
+                                       stop_when=stop_at(3))
+    assert stopped and int(state.step) == 3
+    assert asked == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    steps = sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert steps == [2, 3]
+    asked.clear()  # a resumed run that is told to stop at once does no update
+    state, stopped = training_loop.run(_task(), _args(num_steps=12), str(tmp_path / "cut"),
+                                       stop_when=stop_at(0))
+    assert stopped and int(state.step) == 3 and asked == [(3, 3)]
+    resumed, stopped = training_loop.run(_task(), _args(), str(tmp_path / "cut"))
+    whole, _ = training_loop.run(_task(), _args(), None)
+    assert not stopped
+    for a, b in zip(jax.tree.leaves(_host(whole)), jax.tree.leaves(_host(resumed)), strict=True):
+        np.testing.assert_array_equal(a, b)
