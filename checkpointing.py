@@ -33,6 +33,7 @@ import errno
 import glob
 import hashlib
 import json
+import logging as pylogging
 import os
 import re
 import shutil
@@ -57,10 +58,16 @@ MIN_REPLICA_SLICE_BYTES = 4 << 20
 
 def _register_array_handler() -> None:
     from orbax.checkpoint._src.metadata import array_metadata_store  # as orbax's default
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(
-            array_metadata_store=array_metadata_store.Store(),
-            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+    absl_logger = pylogging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(pylogging.ERROR)  # orbax warns that it replaces its default handler
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(
+                array_metadata_store=array_metadata_store.Store(),
+                min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+    finally:
+        absl_logger.setLevel(level)
 
 
 _register_array_handler()

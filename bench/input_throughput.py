@@ -20,8 +20,8 @@ with its thread pool (`to_iter_dataset(ReadOptions(num_threads=2))`) and its wor
 (`mp_prefetch(MultiprocessingOptions(num_workers=2))`), so its numbers compare like for like.
 The files are in the page cache after they are written: this measures decoding, not the disk.
 
-`trainer` runs the trainer's own update (`train_lib.train_steps` + `loss_fn`, jitted as
-`train_lib.train` jits it) on the cifar32 data: on one constant batch already on the devices,
+`trainer` runs the trainer's own update (`training_loop.train_steps` + `train_lib.loss_fn`,
+jitted as the trainer jits it) on the cifar32 data: on one constant batch already on the devices,
 and on the batches of `global_batches` built by the Prefetcher while the device computes, from
 a source that decodes every image and from one whose cache holds them (after one epoch); the
 three alternate, and it prints the median step times and their ratios to the constant batch.
@@ -199,6 +199,7 @@ def trainer(args, root: Path) -> None:
     import config_lib
     import input_pipeline
     import train_lib
+    import training_loop
     from configs import tiny
     from diffusion import schedules
 
@@ -222,23 +223,24 @@ def trainer(args, root: Path) -> None:
     mesh = train_lib.make_mesh()
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
     model = train_lib.create_model(config)
-    optimizer = train_lib.create_optimizer(config)
+    optim = config_lib.optim_args(config)
+    optimizer = train_lib.create_optimizer(optim)
     schedule = schedules.schedule_from_name("linear", 1000)
     diffusion = config_lib.diffusion_args(config)
     state = jax.jit(functools.partial(train_lib.init_state, model, optimizer,
                                       image_shape=(32, 32, 3)),
                     out_shardings=replicated)(jax.random.key(0, impl="rbg"))
     update = jax.jit(functools.partial(
-        train_lib.train_steps, optimizer=optimizer, ema_decay=0.9999,
-        lr_fn=train_lib.learning_rate_fn(config), base_key=jax.random.key(1),
+        training_loop.train_steps, optimizer=optimizer, ema_decay=0.9999,
+        lr_fn=train_lib.learning_rate_fn(optim), base_key=jax.random.key(1),
         loss=lambda p, b, k: train_lib.loss_fn(p, model, schedule, diffusion, b, k)),
         in_shardings=(replicated, split), out_shardings=(replicated, replicated),
         donate_argnums=0)
 
     def batches_at(source):  # the trainer's host -> device batches (train_lib.train)
         return functools.partial(
-            train_lib.global_batches, source, config, k=1, sharding=split,
-            batch_size=args.batch,
+            training_loop.global_batches, source, k=1, sharding=split, seed=config.seed,
+            batch_size=args.batch, random_flip=config.data.random_flip,
             transform=functools.partial(train_lib.diffusion_batch, model, None, seed=0))
 
     constant = batches_at(sources["cached"])(0)

@@ -294,7 +294,7 @@ class Judge:
             for w in self.scales:
                 self.samplers[(sampler_label(name, steps), w)] = sampling_lib.make_sampler(
                     dataclasses.replace(base, spec=spec), model, schedule, mesh,
-                    image_shape=data.image_shape, batch_size=base.batch_size, num_steps=steps,
+                    image_shape=data.spec.shape, batch_size=base.batch_size, num_steps=steps,
                     sampler=name, guidance_scale=w)
                 # Network evaluations per image, CFG doubling the batch: for the ETA.
                 self.cost[(sampler_label(name, steps), w)] = (
