@@ -163,9 +163,9 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
         """Starts an asynchronous save; returns whether one was started. The digest of the
         arrays is computed here, from the arrays orbax is handed, before they are written."""
-        meta = {**meta, "state_sha256": state_digest(state)}
         self.wait_until_finished()  # (orbax waits for it too) so that the disk's room is known
         self._check_room(step, state)
+        meta = {**meta, "state_sha256": state_digest(state)}
         try:
             started = self._manager.save(
                 step,
