@@ -448,7 +448,7 @@ def train_args(config: ml_collections.ConfigDict) -> LoopArgs:
 
 def classifier_train_args(config: ml_collections.ConfigDict) -> LoopArgs:
     """The noise-aware classifier's loop: config.classifier (train.keep_checkpoints)."""
-    return _typed(LoopArgs, config.classifier,
+    return _typed(LoopArgs, config.classifier, ema_warmup=False,
                   keep_checkpoints=int(config.train.keep_checkpoints))
 
 

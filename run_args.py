@@ -81,6 +81,7 @@ class LoopArgs:
     keep_checkpoints: int = 3
     steps_per_dispatch: int = 1  # updates per jitted call; divides the intervals above
     ema_decay: float = 0.0       # 0: the EMA is the parameters themselves
+    ema_warmup: bool = False     # decay min(ema_decay, (1 + t) / (10 + t)) at update t
 
     def __post_init__(self):
         k = self.steps_per_dispatch

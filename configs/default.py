@@ -91,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.batch_size = 128           # global batch, split over all devices of all processes
     train.num_steps = 800_000
     train.ema_decay = 0.9999
+    train.ema_warmup = False         # True: decay min(ema_decay, (1 + t) / (10 + t)) at update t
     train.steps_per_dispatch = 1     # updates per jitted call (lax.scan); divides every interval
     train.log_every = 100
     train.checkpoint_every = 5000

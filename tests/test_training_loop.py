@@ -52,9 +52,11 @@ def _host(state):
     return jax.tree.map(np.asarray, jax.device_get(state))
 
 
-def test_the_loop_computes_the_float64_updates_of_its_batches():
+@pytest.mark.parametrize("ema_warmup", [False, True])
+def test_the_loop_computes_the_float64_updates_of_its_batches(ema_warmup):
     """Plain SGD, no dropout noise in the check: the loop's parameters after 3 steps equal
-    w <- w - lr ∇L on the batches of input_pipeline.get_batch(seed, step), in float64."""
+    w <- w - lr ∇L on the batches of input_pipeline.get_batch(seed, step), in float64; the EMA
+    decays by 0.5, or with warm-up by min(0.5, (1 + t) / (10 + t)) = 1/10, 2/11, 3/12."""
     def loss(params, batch, key):
         del key
         x = batch["image"].reshape(-1, PIXELS)
@@ -64,7 +66,8 @@ def test_the_loop_computes_the_float64_updates_of_its_batches():
         init_params=lambda key: {"w": jnp.full((PIXELS,), 0.1)}, loss=loss,
         optimizer=optax.sgd(0.05), learning_rate=optax.constant_schedule(0.05),
         source=_source(), seed=3, init_key=jax.random.key(1), train_key=jax.random.key(2))
-    state, stopped = training_loop.run(task, _args(num_steps=3, log_every=1), None)
+    state, stopped = training_loop.run(
+        task, _args(num_steps=3, log_every=1, ema_warmup=ema_warmup), None)
     w = np.full(PIXELS, 0.1)
     ema = w.copy()
     for step in range(3):
@@ -72,7 +75,8 @@ def test_the_loop_computes_the_float64_updates_of_its_batches():
                                          random_flip=False)
         x = batch["image"].reshape(-1, PIXELS).astype(np.float64)
         w = w - 0.05 * 2 * x.T @ (x @ w - batch["label"]) / len(x)
-        ema = 0.5 * ema + 0.5 * w
+        decay = min(0.5, (1 + step) / (10 + step)) if ema_warmup else 0.5
+        ema = decay * ema + (1 - decay) * w
     assert not stopped and int(state.step) == 3
     np.testing.assert_allclose(np.asarray(state.params["w"]), w, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(state.ema_params["w"]), ema, rtol=1e-5)
