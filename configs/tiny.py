@@ -13,7 +13,13 @@ def get_config() -> ml_collections.ConfigDict:
         net.num_res_blocks = 1
         net.attn_resolutions = ()
         net.num_groups = 4
+    # Tests pin behaviour on these; they do not follow mnist.py's demo recipe.
     config.diffusion.num_timesteps = 100
+    config.diffusion.prediction = "eps"
+    config.diffusion.weighting = "none"
+    config.optim.lr = 1e-3
+    config.train.ema_warmup = False
+    config.sample.sampler = "ancestral"
     config.optim.warmup_steps = 2
     config.train.batch_size = 16
     config.train.num_steps = 6
