@@ -100,6 +100,7 @@ def _train_classifier(config: ml_collections.ConfigDict, directory: str) -> Trai
         optimizer=_optimizer(config),
         learning_rate=optax.constant_schedule(config.classifier.lr),
         source=source, seed=config.seed, random_flip=data.random_flip,
+        encode=data.spec.encode,
         # Streams of their own (the diffusion trainer draws from fold_in(seed key, 1));
         # parameters are initialised with "rbg", as train_lib does, because threefry init
         # compiles slowly.

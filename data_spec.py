@@ -2,11 +2,11 @@
 
 Pixel space, the only space today: a uint8 value v becomes x = v / 127.5 − 1 ∈ [−1, 1], and a
 model output x becomes the uint8 round((x + 1) · 127.5) clipped to [0, 255] (what sample files
-hold and FID and the figures judge). The trainer, sampler, evaluators and figures take a
-`DataSpec` (`run_args.DataArgs.spec`). The maps themselves, `encode_pixels` and `decode_pixels`,
-serve code that means pixels whatever the model's space: the feature networks (FID, the MNIST
-classifier), the figures of the data alone, and the 8-bit batches of input_pipeline.preprocess
-(the trainer's and the likelihood bound's).
+hold and FID and the figures judge). The trainer (its batches: `training_loop.Task.encode`),
+sampler, evaluators and figures take a `DataSpec` (`run_args.DataArgs.spec`). The maps
+themselves, `encode_pixels` and `decode_pixels`, serve code that means pixels whatever the
+model's space: the feature networks (FID, the MNIST classifier), the figures of the data alone,
+and the likelihood bound (its discretized decoder is over 8-bit pixels).
 """
 
 from __future__ import annotations

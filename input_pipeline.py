@@ -305,13 +305,15 @@ def process_rows(batch_size: int, process_index: int, process_count: int) -> sli
     return slice(process_index * per_process, (process_index + 1) * per_process)
 
 
-def preprocess(images: np.ndarray, flip: np.ndarray | None) -> np.ndarray:
-    """uint8 [N, H, W, C] -> float32 in [-1, 1] (`data_spec.encode_pixels`), horizontally
-    flipped where `flip` [N] is True."""
-    x = encode_pixels(images)
+def preprocess(images: np.ndarray, flip: np.ndarray | None,
+               encode: Callable[[np.ndarray], np.ndarray] = encode_pixels) -> np.ndarray:
+    """uint8 [N, H, W, C], horizontally flipped where `flip` [N] is True, then `encode`d: the
+    model's `DataSpec.encode` for what a model trains on, the pixel map (float32 in [-1, 1],
+    `data_spec.encode_pixels`) by default. The flip is of the pixels, before any encoder."""
     if flip is not None and flip.any():
-        x[flip] = x[flip][:, :, ::-1]
-    return x
+        images = np.array(images)
+        images[flip] = images[flip][:, :, ::-1]
+    return encode(images)
 
 
 def get_batch(
@@ -323,9 +325,10 @@ def get_batch(
     random_flip: bool,
     random_crop: bool = False,
     rows: slice = slice(None),
+    encode: Callable[[np.ndarray], np.ndarray] = encode_pixels,
 ) -> dict[str, np.ndarray]:
-    """This process's `rows` of the global batch at `step`: image [n, H, W, C], label [n] and
-    index [n] (the dataset indices read: `Source.read`).
+    """This process's `rows` of the global batch at `step`: image [n, ...] (`preprocess`d with
+    `encode`), label [n] and index [n] (the dataset indices read: `Source.read`).
 
     The flip and the crop position of each example are drawn for the whole global batch from
     (seed, step), so they depend on an example's position in it, never on the process count."""
@@ -336,7 +339,7 @@ def get_batch(
     if random_crop:
         crop = np.random.default_rng([seed, step, 2]).random(batch_size)[rows]
     examples = source.read(indices[rows], crop)
-    return {"image": preprocess(examples.images, flip), "label": examples.labels,
+    return {"image": preprocess(examples.images, flip, encode), "label": examples.labels,
             "index": examples.indices}
 
 

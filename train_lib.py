@@ -172,6 +172,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                                       null=null),
         loss=diffusion_loss, optimizer=optimizer, learning_rate=learning_rate_fn(optim),
         source=source, seed=config.seed, random_flip=data.random_flip,
+        encode=data.spec.encode,
         random_crop=data.crop == "random", prefetch=data.prefetch,
         transform=functools.partial(diffusion_batch, model, text, seed=config.seed),
         # Parameter init uses the "rbg" generator: compiling init with threefry takes ~3x

@@ -41,6 +41,7 @@ import checkpointing
 import input_pipeline
 import interrupts
 import metric_logging
+from data_spec import encode_pixels
 from errors import UserError
 from run_args import LoopArgs
 
@@ -81,6 +82,7 @@ class Task:
     transform: Transform | None = None       # host batch -> the loss's batch (global_batches)
     random_flip: bool = False
     random_crop: bool = False                # a crop position drawn per (seed, step, position)
+    encode: Callable[[np.ndarray], np.ndarray] = encode_pixels  # uint8 images -> model space
     prefetch: int = 0                        # batches built ahead in a background thread
     name: str = "train"                      # TensorBoard prefix: <name>/loss, ...
     title: str = ""                          # how log lines name it ("the classifier")
@@ -167,6 +169,7 @@ def train_steps(state: TrainState, batches: Any, **kwargs):
 
 def global_batches(source: input_pipeline.Source, step: int, k: int, sharding: NamedSharding, *,
                    seed: int, batch_size: int, random_flip: bool, random_crop: bool = False,
+                   encode: Callable[[np.ndarray], np.ndarray] = encode_pixels,
                    transform: Transform | None = None) -> Any:
     """K consecutive global batches as global arrays [K, B, ...], this process's rows local.
 
@@ -181,7 +184,7 @@ def global_batches(source: input_pipeline.Source, step: int, k: int, sharding: N
     for s in range(step, step + k):
         x = input_pipeline.get_batch(source, seed=seed, step=s, batch_size=b,
                                      random_flip=random_flip, random_crop=random_crop,
-                                     rows=rows)
+                                     rows=rows, encode=encode)
         read = x.pop("index")  # what was read: a skipped unreadable image's replacement
         if transform is not None:
             indices = input_pipeline.global_batch_indices(seed, s, b, len(source))
@@ -229,7 +232,7 @@ def run(task: Task, args: LoopArgs, workdir: str | None, hooks: Sequence[Hook] =
     batches = functools.partial(global_batches, task.source, sharding=batch_sharding,
                                 seed=task.seed, batch_size=args.batch_size,
                                 random_flip=task.random_flip, random_crop=task.random_crop,
-                                transform=task.transform)
+                                encode=task.encode, transform=task.transform)
     ckpt = (checkpointing.Checkpointer(workdir, max_to_keep=args.keep_checkpoints)
             if workdir is not None else None)
     writer = None

@@ -2,13 +2,17 @@
 
 import tracemalloc
 
+import jax
 import numpy as np
 import pytest
 
+import classifier_training
 import config_lib
 import data_spec
 import input_pipeline
-from configs import default, mnist
+import train_lib
+import training_loop
+from configs import default, mnist, tiny
 from images import ImageSpec
 
 ALL_VALUES = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
@@ -62,3 +66,52 @@ def test_the_config_gives_the_spec(module, shape):
     data = config_lib.data_args(module.get_config())
     assert data.spec.shape == data.spec.image.shape == shape
     assert data.spec.image == ImageSpec(size=data.image_size, channels=data.num_channels)
+
+
+def _scaled(images):
+    """A stand-in for another model space (a latent autoencoder's): not the pixel map."""
+    return np.asarray(images, np.float32) * 2.0 + 7.0
+
+
+def test_the_trainers_batches_are_the_specs_encoding_of_the_flipped_pixels():
+    source = input_pipeline.from_config(config_lib.data_args(mnist.get_config()), "train")
+    sharding = jax.sharding.NamedSharding(training_loop.make_mesh(),
+                                          jax.sharding.PartitionSpec(None, "data"))
+    kw = dict(seed=3, batch_size=8, random_flip=True)
+    got = training_loop.global_batches(source, 5, 2, sharding, encode=_scaled, **kw)
+    pixels = training_loop.global_batches(source, 5, 2, sharding, **kw)
+    for k, step in enumerate((5, 6)):
+        indices = input_pipeline.global_batch_indices(3, step, 8, len(source))
+        flip = np.random.default_rng([3, step, 1]).random(8) < 0.5
+        assert flip.any() and not flip.all()
+        images, _ = source.get(indices)
+        images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+        np.testing.assert_array_equal(np.asarray(got["image"])[k], _scaled(images))
+        np.testing.assert_array_equal(np.asarray(pixels["image"])[k],
+                                      data_spec.encode_pixels(images))
+
+
+@pytest.mark.parametrize("trainer", ["diffusion", "classifier"])
+def test_both_trainers_encode_with_the_configs_spec(trainer, tmp_path, monkeypatch):
+    """train_lib and classifier_training hand the loop DataArgs.spec.encode (caught at
+    training_loop.run, before anything compiles)."""
+    seen = {}
+
+    def run(task, *args, **kwargs):
+        seen["encode"] = task.encode
+        raise _Stop
+
+    monkeypatch.setattr(training_loop, "run", run)
+    config = tiny.get_config()
+    with pytest.raises(_Stop):
+        if trainer == "diffusion":
+            train_lib.train(config, str(tmp_path))
+        else:
+            classifier_training.train_classifier(config, str(tmp_path))
+    encode = seen["encode"]  # a bound method: compare its instance by value
+    assert encode.__func__ is data_spec.DataSpec.encode
+    assert encode.__self__ == config_lib.data_args(config).spec
+
+
+class _Stop(Exception):
+    pass
