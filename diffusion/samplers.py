@@ -21,6 +21,8 @@ The step functions, from respaced index i to i - 1 (x_t to x_{t-1}), each a shor
         D = (1 + 1/(2r)) x̂_0(x_s) - 1/(2r) x̂_0(previous step),   r = h_prev/h,
     with D = x̂_0(x_s) on the first step (no history; this is DDIM with η = 0). Its history is the
     previous step's x̂_0, which every step leaves in `SamplerState.pred_x0`.
+  * "dpm_solver_pp_2m_sde": the same solver for the reverse SDE (Lu et al. 2022's SDE-DPM-Solver++
+    (2M)), x_t = (σ_t/σ_s) e^{-h} x_s + α_t (1 - e^{-2h}) D + σ_t √(1 - e^{-2h}) z.
   * "heun" (`heun_step`): Heun's second-order step of the probability-flow ODE, Karras et al. 2022
     (EDM) Algorithm 1 with S_churn = 0, in x̃ = x/√ᾱ and σ = √(1/ᾱ - 1) (there dx̃/dσ = ε̂; an Euler
     step of it is DDIM with η = 0), Euler on the last step. Two network evaluations per step except
@@ -201,12 +203,14 @@ def dpm_solver_pp_2m_step(
     prediction: str,
     clip_x0: bool,
     cond_grad: jnp.ndarray | None = None,
+    noise: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """One DPM-Solver++(2M) step from index t to t - 1 of `schedule` (see the module docstring).
 
     prev_x0 is x̂_0 of the step before, at index t + 1; at t == T-1 (the first step, no history)
     the update is first order, and at t == 0 the step returns x̂_0. model_output has C channels.
-    cond_grad: classifier guidance on ε̂, as in `ddim_step`.
+    cond_grad: classifier guidance on ε̂, as in `ddim_step`. noise: z ~ N(0, I) [B, ...] for the
+    SDE solver (SDE-DPM-Solver++(2M)); None: the ODE solver.
     Returns (x_prev, pred_x0), both [B, ...] in x_t's dtype.
     """
     check_choice("prediction", prediction, PREDICTIONS)
@@ -230,7 +234,13 @@ def dpm_solver_pp_2m_step(
                - extract(schedule.log_one_minus_alphas_cumprod, t, x_t.shape))
     )
     alpha_next = extract(schedule.sqrt_alphas_cumprod, t_next, x_t.shape)
-    x_prev = sigma_ratio * x_t.astype(jnp.float32) - alpha_next * jnp.expm1(-h) * d
+    if noise is None:
+        x_prev = sigma_ratio * x_t.astype(jnp.float32) - alpha_next * jnp.expm1(-h) * d
+    else:  # e^{-h} more of x̂_0's pull, and the noise that restores the marginal's variance
+        sigma_next = extract(schedule.sqrt_one_minus_alphas_cumprod, t_next, x_t.shape)
+        one_minus = -jnp.expm1(-2.0 * h)  # 1 - e^{-2h}
+        x_prev = (sigma_ratio * jnp.exp(-h) * x_t.astype(jnp.float32) + alpha_next * one_minus * d
+                  + sigma_next * jnp.sqrt(one_minus) * noise.astype(jnp.float32))
     x_prev = jnp.where(_noise_mask(t, x_t.ndim) > 0, x_prev, pred_x0)
     return x_prev.astype(x_t.dtype), pred_x0.astype(x_t.dtype)
 
@@ -425,6 +435,19 @@ def _dpm_solver_pp_2m(ctx: StepContext, state: SamplerState, i: jnp.ndarray, key
     x_prev, pred_x0 = dpm_solver_pp_2m_step(
         ctx.schedule, out, state.x, ctx.t(i), state.pred_x0, prediction=s.prediction,
         clip_x0=s.clip_x0, cond_grad=cond_grad)
+    return SamplerState(x_prev, pred_x0, state.extra)
+
+
+@register("dpm_solver_pp_2m_sde", spacing="logsnr")
+def _dpm_solver_pp_2m_sde(ctx: StepContext, state: SamplerState, i: jnp.ndarray, key: jax.Array):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", its eq. for the 2M SDE solver;
+    diffusers' "sde-dpmsolver++" midpoint), `dpm_solver_pp_2m_step` with noise."""
+    out, cond_grad = ctx.model(state.x, i, mean_only=True)
+    s = ctx.spec
+    x_prev, pred_x0 = dpm_solver_pp_2m_step(
+        ctx.schedule, out, state.x, ctx.t(i), state.pred_x0, prediction=s.prediction,
+        clip_x0=s.clip_x0, cond_grad=cond_grad,
+        noise=jax.random.normal(key, state.x.shape, jnp.float32))
     return SamplerState(x_prev, pred_x0, state.extra)
 
 
