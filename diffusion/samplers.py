@@ -426,29 +426,30 @@ def _ddim(ctx: StepContext, state: SamplerState, i: jnp.ndarray, key: jax.Array)
     return SamplerState(x_prev, pred_x0, state.extra)
 
 
-@register("dpm_solver_pp_2m", spacing="logsnr")
-def _dpm_solver_pp_2m(ctx: StepContext, state: SamplerState, i: jnp.ndarray, key: jax.Array):
-    """Lu et al. 2022 Algorithm 2 (`dpm_solver_pp_2m_step`); its history is state.pred_x0."""
-    del key
+def _dpm_solver_pp_2m_update(ctx: StepContext, state: SamplerState, i: jnp.ndarray,
+                             noise: jnp.ndarray | None) -> SamplerState:
+    """Both DPM-Solver++(2M) entries (`dpm_solver_pp_2m_step`); the history is state.pred_x0."""
     out, cond_grad = ctx.model(state.x, i, mean_only=True)
     s = ctx.spec
     x_prev, pred_x0 = dpm_solver_pp_2m_step(
         ctx.schedule, out, state.x, ctx.t(i), state.pred_x0, prediction=s.prediction,
-        clip_x0=s.clip_x0, cond_grad=cond_grad)
+        clip_x0=s.clip_x0, cond_grad=cond_grad, noise=noise)
     return SamplerState(x_prev, pred_x0, state.extra)
+
+
+@register("dpm_solver_pp_2m", spacing="logsnr")
+def _dpm_solver_pp_2m(ctx: StepContext, state: SamplerState, i: jnp.ndarray, key: jax.Array):
+    """Lu et al. 2022 Algorithm 2: the probability-flow ODE, no noise."""
+    del key
+    return _dpm_solver_pp_2m_update(ctx, state, i, None)
 
 
 @register("dpm_solver_pp_2m_sde", spacing="logsnr")
 def _dpm_solver_pp_2m_sde(ctx: StepContext, state: SamplerState, i: jnp.ndarray, key: jax.Array):
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", its eq. for the 2M SDE solver;
-    diffusers' "sde-dpmsolver++" midpoint), `dpm_solver_pp_2m_step` with noise."""
-    out, cond_grad = ctx.model(state.x, i, mean_only=True)
-    s = ctx.spec
-    x_prev, pred_x0 = dpm_solver_pp_2m_step(
-        ctx.schedule, out, state.x, ctx.t(i), state.pred_x0, prediction=s.prediction,
-        clip_x0=s.clip_x0, cond_grad=cond_grad,
-        noise=jax.random.normal(key, state.x.shape, jnp.float32))
-    return SamplerState(x_prev, pred_x0, state.extra)
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", its 2M solver of the reverse SDE;
+    diffusers' "sde-dpmsolver++" midpoint): fresh noise z each step."""
+    return _dpm_solver_pp_2m_update(ctx, state, i,
+                                    jax.random.normal(key, state.x.shape, jnp.float32))
 
 
 def _heun_evaluations(num_steps: int) -> int:

@@ -326,16 +326,21 @@ def _x0_oracle(ab_t, x):
     return oracle.x0_posterior_mean(ab_t, x)
 
 
-def dpm_solver_pp_2m_reference(x_T: np.ndarray, ab: np.ndarray) -> np.ndarray:
+def dpm_solver_pp_2m_reference(x_T: np.ndarray, ab: np.ndarray,
+                               zs: list[np.ndarray] | None = None) -> np.ndarray:
     """Lu et al. 2022, Algorithm 2, in float64 numpy with the exact x̂_0 of N(MU, S2) data.
 
     ab [K]: ᾱ at the sampling timesteps, ascending in noise index (ab[0] least noisy). Steps
-    run from index K-1 to 0, then return x̂_0 at index 0 (the step to λ = ∞).
+    run from index K-1 to 0, then return x̂_0 at index 0 (the step to λ = ∞). From s to t,
+    h = λ_t - λ_s, D = (1 + 1/(2r)) x̂_0 - 1/(2r) x̂_0(previous step) (x̂_0 on the first step):
+        ODE (zs None):  x_t = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) D
+        SDE (DPM-Solver++'s 2M SDE solver), zs[j] the noise of step i = K-1-j:
+                        x_t = (σ_t/σ_s) e^{-h} x_s + α_t (1 - e^{-2h}) D + σ_t √(1 - e^{-2h}) z
     """
     alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
     lam = np.log(alpha / sigma)
     x, prev_x0, h_prev = np.asarray(x_T, np.float64), None, None
-    for i in range(len(ab) - 1, 0, -1):
+    for j, i in enumerate(range(len(ab) - 1, 0, -1)):
         x0 = _x0_oracle(ab[i], x)
         h = lam[i - 1] - lam[i]
         if prev_x0 is None:
@@ -343,7 +348,11 @@ def dpm_solver_pp_2m_reference(x_T: np.ndarray, ab: np.ndarray) -> np.ndarray:
         else:
             r = h_prev / h
             d = (1.0 + 1.0 / (2.0 * r)) * x0 - 1.0 / (2.0 * r) * prev_x0
-        x = sigma[i - 1] / sigma[i] * x - alpha[i - 1] * (np.exp(-h) - 1.0) * d
+        if zs is None:
+            x = sigma[i - 1] / sigma[i] * x - alpha[i - 1] * (np.exp(-h) - 1.0) * d
+        else:
+            x = (sigma[i - 1] / sigma[i] * np.exp(-h) * x + alpha[i - 1] * -np.expm1(-2.0 * h) * d
+                 + sigma[i - 1] * np.sqrt(-np.expm1(-2.0 * h)) * zs[j])
         prev_x0, h_prev = x0, h
     return _x0_oracle(ab[0], x)
 
@@ -451,34 +460,14 @@ def test_dpm_solver_pp_2m_is_second_order_and_accurate_at_20_steps(betas):
 
 # --- SDE-DPM-Solver++(2M) ----------------------------------------------------------------------
 
-def dpm_solver_pp_2m_sde_reference(x_T: np.ndarray, zs: list[np.ndarray],
-                                   ab: np.ndarray) -> np.ndarray:
-    """Lu et al. 2022 (DPM-Solver++), the 2M SDE solver, in float64 with the exact x̂_0 of
-    N(MU, S2) data: from s to t, h = λ_t - λ_s,
-        x_t = (σ_t/σ_s) e^{-h} x_s + α_t (1 - e^{-2h}) D + σ_t √(1 - e^{-2h}) z,
-    D as in Algorithm 2 (first order on the first step), x̂_0 returned at index 0. zs[j] is the
-    noise of step i = K-1-j (the K - 1 steps before the last)."""
-    alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
-    lam = np.log(alpha / sigma)
-    x, prev_x0, h_prev = np.asarray(x_T, np.float64), None, None
-    for j, i in enumerate(range(len(ab) - 1, 0, -1)):
-        x0 = _x0_oracle(ab[i], x)
-        h = lam[i - 1] - lam[i]
-        d = x0 if prev_x0 is None else x0 + h / (2.0 * h_prev) * (x0 - prev_x0)
-        x = (sigma[i - 1] / sigma[i] * np.exp(-h) * x + alpha[i - 1] * -np.expm1(-2.0 * h) * d
-             + sigma[i - 1] * np.sqrt(-np.expm1(-2.0 * h)) * zs[j])
-        prev_x0, h_prev = x0, h
-    return _x0_oracle(ab[0], x)
-
-
 def _sde_exact_moments(num_steps: int, betas) -> tuple[float, float]:
     """Mean and variance of the K-step SDE solver's output from x_T ~ N(0, 1): it is affine in
     (x_T, z_1, ..., z_{K-1}), so the reference on unit inputs gives each coefficient."""
     ab = _logsnr_alphas_cumprod(betas, num_steps)
     n = num_steps  # input 0: x_T; input j >= 1: the noise of step j - 1
     basis = np.eye(n)
-    offset = dpm_solver_pp_2m_sde_reference(np.zeros(1), [np.zeros(1)] * (n - 1), ab)[0]
-    out = dpm_solver_pp_2m_sde_reference(basis[0], list(basis[1:]), ab) - offset
+    offset = dpm_solver_pp_2m_reference(np.zeros(1), ab, [np.zeros(1)] * (n - 1))[0]
+    out = dpm_solver_pp_2m_reference(basis[0], ab, list(basis[1:])) - offset
     return float(offset), float(np.sum(out**2))
 
 
@@ -498,8 +487,8 @@ def test_dpm_solver_pp_2m_sde_matches_the_float64_reference_path_by_path(betas, 
     loop_key = jax.random.split(key)[1]
     zs = [np.asarray(jax.random.normal(jax.random.fold_in(loop_key, i), ORACLE_SHAPE),
                      np.float64) for i in range(19, 0, -1)]
-    want = dpm_solver_pp_2m_sde_reference(np.asarray(x_T, np.float64), zs,
-                                          _logsnr_alphas_cumprod(betas, 20))
+    want = dpm_solver_pp_2m_reference(np.asarray(x_T, np.float64),
+                                      _logsnr_alphas_cumprod(betas, 20), zs)
     np.testing.assert_allclose(x0, want, atol=1e-5)
 
 
