@@ -219,6 +219,19 @@ def checkpoint_meta(step: int, batch_size: int, config_json: str) -> dict:
 
 # --- the loop ------------------------------------------------------------------------------------
 
+def _wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
+    """Across processes of a multi-host run, wait until every one has reached `name`.
+
+    The first step's collectives set up XLA-CPU's Gloo context, which gives a late peer only 30 s;
+    on a slow or busy CPU one process can finish compiling more than 30 s after another (seen on
+    a 2-core Zen 3). The coordination service's barrier waits up to `timeout_s` instead.
+    """
+    from jax._src import distributed  # the coordination client; no public accessor in jax 0.10
+    client = distributed.global_state.client
+    if jax.process_count() > 1 and client is not None:
+        client.wait_at_barrier(f"ddpm_jax_{name}", timeout_s * 1000)
+
+
 def run(task: Task, args: LoopArgs, workdir: str | None, hooks: Sequence[Hook] = (),
         stop_when: StopWhen | None = None) -> tuple[TrainState, bool]:
     """Trains (or resumes from workdir's newest intact checkpoint) until args.num_steps;
@@ -257,6 +270,7 @@ def run(task: Task, args: LoopArgs, workdir: str | None, hooks: Sequence[Hook] =
             logging.info("Compiling the train step.")
             update = interrupts.run_interruptibly(
                 update.lower(state, batches(start_step, k)).compile)
+            _wait_for_all_processes("train_step_compiled")
         writer = metric_logging.Writer(workdir, enabled=workdir is not None
                                        and metric_logging.writes_files())
         if start_step == 0 and task.hparams is not None:
