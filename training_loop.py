@@ -265,12 +265,18 @@ def run(task: Task, args: LoopArgs, workdir: str | None, hooks: Sequence[Hook] =
             out_shardings=(replicated, replicated),
             donate_argnums=0)
         if start_step < args.num_steps:
-            # Compiled in a worker thread, so that a SIGTERM or Ctrl-C meanwhile stops the run
-            # at once (interrupts.py): the state is still the restored checkpoint.
+            # Compiled, and the other processes of a multi-host run waited for, in a worker
+            # thread, so that a SIGTERM or Ctrl-C meanwhile stops the run at once
+            # (interrupts.py): the state is still the restored checkpoint.
             logging.info("Compiling the train step.")
-            update = interrupts.run_interruptibly(
-                update.lower(state, batches(start_step, k)).compile)
-            _wait_for_all_processes("train_step_compiled")
+            jitted, first_batch = update, batches(start_step, k)
+
+            def compile_on_every_process():
+                compiled = jitted.lower(state, first_batch).compile()
+                _wait_for_all_processes("train_step_compiled")
+                return compiled
+
+            update = interrupts.run_interruptibly(compile_on_every_process)
         writer = metric_logging.Writer(workdir, enabled=workdir is not None
                                        and metric_logging.writes_files())
         if start_step == 0 and task.hparams is not None:
