@@ -4,8 +4,9 @@ mnist.py's UNet and recipe conditioned on a caption instead of a label: each of 
 training digits is captioned from its label and the stroke thickness and slant measured on its
 own pixels (text/digit_captions.py), through many phrasings; the frozen all-MiniLM-L6-v2 encoder
 (offline, text/minilm.py) reads the caption, and the UNet attends to its token states
-(cross-attention at 7x7 and in the middle block). Caption dropout (p_uncond) trains ε(x_t, ∅)
-with ∅ the empty caption's encoding, for classifier-free text guidance at sampling.
+(cross-attention at 7x7, where it replaces mnist.py's self-attention, and in the middle
+block). Caption dropout (p_uncond) trains ε(x_t, ∅) with ∅ the empty caption's encoding, for
+classifier-free text guidance at sampling.
 
     python main.py --config=configs/mnist_text.py --workdir=workdirs/mnist_text
     python main.py --config=configs/mnist_text.py --workdir=workdirs/mnist_text --mode=sample \
@@ -24,9 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     config = mnist.get_config()
     config.data.captions = "digits"
 
-    # mnist.py's recipe (ch 16, v-prediction, min-SNR-5, batch 32, EMA warm-up), trained twice as
+    # mnist.py's recipe (ch 16, v-prediction, min-SNR-5, batch 32, EMA warm-up), trained 1.6x as
     # long: naming the digit and its strokes in words needs more steps than a label does
-    # (docs/recipe_mnist.md: 1,500 steps name the digit 92% of the time, 3,000 steps 99.8%).
+    # (docs/recipe_mnist.md: 1,500 steps name the digit 92% of the time, 2,400 steps 99.1%), and
+    # 2,400 steps train in under 15 minutes on a 2-core CPU without AVX-512.
     # Sampled as it was measured: ancestral, 100 steps.
     config.sample.sampler = "ancestral"
     config.sample.num_steps = 100
@@ -35,14 +37,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.text_encoder = "minilm"
     config.model.text_max_length = 24      # the longest digit caption has 17 tokens
     config.model.text_conditioning = "cross_attention"
+    config.model.attn_resolutions = ()    # at 7x7 cross-attention instead (the middle keeps both)
     config.model.cross_attn_resolutions = (7,)
     config.model.num_heads = 4
 
     config.diffusion.p_uncond = 0.1        # caption dropout: learn ε(x_t, ∅) too
 
-    config.train.num_steps = 3000
-    config.train.checkpoint_every = 250
-    config.train.sample_every = 1000
+    config.train.num_steps = 2400
+    config.train.checkpoint_every = 300
+    config.train.sample_every = 1200
 
     config.sample.num_samples = 80         # 8 prompts x 10
     config.sample.batch_size = 80

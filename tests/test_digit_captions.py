@@ -150,8 +150,10 @@ def test_bad_inputs_name_the_problem():
 
 _NUMBERS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine".split())}
-_THIN = {"thin", "thinly", "light", "lightly", "fine", "skinny", "slim", "faint"}
-_THICK = {"thick", "thickly", "bold", "heavy", "heavily", "fat", "chunky", "dark"}
+_THIN = {"thin", "thinly", "light", "lightly", "fine", "skinny", "pale", "narrow", "slender",
+         "slim", "faint"}
+_THICK = {"thick", "thickly", "bold", "heavy", "heavily", "fat", "black", "broad", "strong",
+          "chunky", "dark"}
 # The held-out vocabulary, written out independently of the module.
 _HELDOUT_FRAME_WORDS = {"sketch", "numeral", "image", "showing"}
 _HELDOUT_THICKNESS_WORDS = {"slim", "faint", "chunky", "dark", "ink"}

@@ -196,16 +196,19 @@ _FRAMES = {
     "heldout": ("a sketch of a {A}{D}", "the {A}numeral {D}", "an image showing a {A}{D}"),
 }
 # Per attribute and value: adjectives (before the digit) and postfix phrases (after it; a
-# leading comma attaches without a space).
+# leading comma attaches without a space). The train words cover each way of saying it (width,
+# weight, ink): MiniLM's token state for "dark" lies nearer "light" than "bold", so a model that
+# only saw "light" = thin reads a held-out "dark" as thin unless "black" = thick is trained too.
 _WORDS = {
     "thickness": {
         "train": {
-            THIN: (("thin", "light", "fine", "skinny"),
+            THIN: (("thin", "light", "fine", "skinny", "pale", "narrow", "slender"),
                    ("with thin strokes", "written thinly", "drawn lightly", "with a fine pen",
-                    ", thin pen", "in light strokes")),
-            THICK: (("thick", "bold", "heavy", "fat"),
+                    ", thin pen", "in light strokes", "in pale strokes", "with narrow strokes")),
+            THICK: (("thick", "bold", "heavy", "fat", "black", "broad", "strong"),
                     ("with thick strokes", "written thickly", "drawn heavily", "with a heavy pen",
-                     ", thick pen", "in bold strokes")),
+                     ", thick pen", "in bold strokes", "in black strokes",
+                     "with broad strokes")),
         },
         "heldout": {
             THIN: (("slim", "faint"), ("with slim strokes", "in faint ink")),
