@@ -46,10 +46,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.num_samples = 100    # 10 rows of 10: one row per digit
     config.sample.batch_size = 100
     # DPM-Solver++(2M) for the reverse SDE (fresh noise each step): on the demo model at 20 steps
-    # it beat the ODE form at every scale (docs/recipe_mnist.md); w = 0.75 names the digit 98.8%.
+    # it beat the ODE form at every scale (docs/recipe_mnist.md); at w = 0.6 it meets every
+    # quality target there (MNIST-FID 12.9, 98.2% classified as asked, 96.0% confident).
     config.sample.sampler = "dpm_solver_pp_2m_sde"
     config.sample.num_steps = 20
-    config.sample.guidance_scale = 0.75
+    config.sample.guidance_scale = 0.6
 
     config.eval.feature_net = "mnist_classifier"  # "MNIST-FID": not comparable with Inception FID
     config.eval.fid_num_samples = 1000
