@@ -14,11 +14,13 @@ written to disk (uint8):
 
 A class-conditional model (no text) is evaluated on the same prompts through their labels: it
 cannot express the attributes, and its agreement shows chance. Results go to
-<workdir>/text_eval.json and TensorBoard (text_eval/...).
+<workdir>/text_eval.json (a later sweep of the same checkpoint, sampler and prompts adds its scales
+to the file) and TensorBoard (text_eval/...).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -97,11 +99,32 @@ def text_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
         scalars.update({f"text_eval/{k}_w{scale:g}": v for k, v in row.items()})
         logging.info("text_eval w=%g: %s", scale, ", ".join(f"{k} {v:.3f}" for k, v in
                                                            row.items()))
-    metric_logging.write_json(os.path.join(workdir, "text_eval.json"), result)
+    path = os.path.join(workdir, "text_eval.json")
+    result = merge_scales(_read_json(path), result)
+    metric_logging.write_json(path, result)
     writer = metric_logging.Writer(workdir, enabled=metric_logging.writes_files())
     writer.scalars(step, scalars)
     writer.close()
     return result
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def merge_scales(previous: dict | None, result: dict) -> dict:
+    """result, keeping the scales of `previous` (an earlier text_eval.json) that it did not
+    evaluate when both judged the same checkpoint the same way: a second sweep with other
+    sample.sweep_scales adds to the file instead of replacing it. Otherwise result alone."""
+    same = ("step", "conditioned_on", "prompts", "num_prompts", "sampler", "num_steps", "seed")
+    if not previous or any(previous.get(k) != result[k] for k in same):
+        return result
+    scales = {**previous.get("scales", {}), **result["scales"]}
+    return {**result, "scales": dict(sorted(scales.items(), key=lambda kv: float(kv[0])))}
 
 
 def _by_wording(images, labels, requested: dict, novel: dict, reference) -> dict[str, float]:

@@ -376,3 +376,20 @@ def test_precomputed_embeddings_train_and_sample(tmp_path):
     config.sample.prompt = "a prompt nobody embedded"
     with pytest.raises(UserError, match="not in .*embeddings.npz.*Fix"):
         generate.generate(config, str(tmp_path / "w"))
+
+
+def test_text_eval_json_keeps_earlier_scales_of_the_same_evaluation_only():
+    import text_eval
+
+    def result(step, scales, sampler="ancestral"):
+        return {"step": step, "conditioned_on": "text", "prompts": "heldout", "num_prompts": 450,
+                "sampler": sampler, "num_steps": 100, "seed": 0,
+                "scales": {k: {"accuracy": v} for k, v in scales.items()}}
+
+    first = result(2400, {"2": 0.99, "3": 0.98})
+    merged = text_eval.merge_scales(first, result(2400, {"0": 0.87, "2": 0.5}))
+    assert list(merged["scales"]) == ["0", "2", "3"]  # numeric order, the new value of w = 2 wins
+    assert [merged["scales"][k]["accuracy"] for k in ("0", "2", "3")] == [0.87, 0.5, 0.98]
+    for other in (result(2700, {"0": 0.9}), result(2400, {"0": 0.9}, sampler="ddim")):
+        assert text_eval.merge_scales(first, other) == other  # another checkpoint or sampler
+    assert text_eval.merge_scales(None, first) == first
