@@ -129,7 +129,11 @@ def differences(stored: dict[str, Any], config: ml_collections.ConfigDict,
 
 
 def _show(value) -> str:
-    return "'(" + ", ".join(map(str, value)) + ")'" if isinstance(value, list) else repr(value)
+    """A value as a --config flag takes it; a stored list is a tuple, "(1,)" when it has one item
+    ("(1)" would parse as the number 1)."""
+    if not isinstance(value, list):
+        return repr(value)
+    return "'(" + ", ".join(map(str, value)) + ("," if len(value) == 1 else "") + ")'"
 
 
 def _changes(diffs: list) -> str:

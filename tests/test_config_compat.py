@@ -56,7 +56,7 @@ PINNED_CHANGES = [
     ("optim.grad_clip", 0.0, "optim.grad_clip: 1.0 -> 0.0"),
     ("data.random_flip", True, "data.random_flip: False -> True"),
     ("train.batch_size", 32, "train.batch_size: 16 -> 32"),
-    ("model.ch_mult", (1, 2, 2), "model.ch_mult: '(1, 2)' -> '(1, 2, 2)'"),
+    ("model.ch_mult", (1, 2, 2), "model.ch_mult: '(1,)' -> '(1, 2, 2)'"),
 ]
 
 
