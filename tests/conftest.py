@@ -1,11 +1,24 @@
-"""Test-wide setup: 8 fake CPU devices, set before anything imports jax."""
+"""Test-wide setup: 8 fake CPU devices and a shared compilation cache, set before anything
+imports jax.
+
+Most of the suite's time is XLA compiling small programs, and many tests build the same program
+again (the tiny UNet's init, train step and sampler, a fresh `jax.jit` per test or per call).
+The persistent compilation cache that the `main.py` subprocesses of tests/cli_runs.py share
+serves the in-process tests too, so a program compiles once per test session, whichever test,
+worker or subprocess builds it first.
+"""
 
 import os
+
+from cli_runs import CACHE
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import cpu_runtime  # noqa: E402  (after XLA_FLAGS above, before jax)
 
