@@ -227,7 +227,7 @@ def test_text_unet_traces_once_and_reads_tokens_and_mask():
 # --- the trainer and the CLI with text on ---------------------------------------------------
 
 TEXT = ["--config.data.captions=digits", "--config.model.text_encoder=minilm",
-        "--config.model.num_classes=0", "--config.model.cross_attn_resolutions=(14,)",
+        "--config.model.num_classes=0", "--config.model.cross_attn_resolutions=(28,)",
         "--config.train.num_steps=12"]
 
 
@@ -236,7 +236,7 @@ def _text_config():
     config.data.captions = "digits"
     config.model.text_encoder = "minilm"
     config.model.num_classes = 0
-    config.model.cross_attn_resolutions = (14,)
+    config.model.cross_attn_resolutions = (28,)
     config.train.num_steps = 12
     return config
 
