@@ -15,15 +15,24 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CACHE = pathlib.Path(os.environ.get("DDPM_TEST_CACHE", "/tmp/ddpm_jax_test_compile_cache"))
 
 
+def cache_env() -> dict:
+    """The persistent compilation cache every test process shares, caching every program."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(CACHE),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def env(num_devices: int = 8, *, cache: bool = True, **extra: str) -> dict:
     out = dict(os.environ)
     if cache:
-        out["JAX_COMPILATION_CACHE_DIR"] = str(CACHE)
-        out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-        out["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+        out.update(cache_env())
     else:
         out.pop("JAX_COMPILATION_CACHE_DIR", None)
-    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    # The suite's own XLA flags (e.g. --xla_cpu_max_isa=AVX2 to time it as on an older CPU)
+    # reach main.py; only the device count is the run's.
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
+    out["XLA_FLAGS"] = " ".join([*kept, f"--xla_force_host_platform_device_count={num_devices}"])
     out["JAX_PLATFORMS"] = "cpu"
     out["PYTHONUNBUFFERED"] = "1"
     out.update(extra)

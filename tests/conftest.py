@@ -10,15 +10,14 @@ worker or subprocess builds it first.
 
 import os
 
-from cli_runs import CACHE
+from cli_runs import cache_env
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+for _name, _value in cache_env().items():
+    os.environ.setdefault(_name, _value)
 
 import cpu_runtime  # noqa: E402  (after XLA_FLAGS above, before jax)
 

@@ -1,16 +1,13 @@
 """`--mode=eval` end to end on a tiny trained workdir, and the periodic estimates in training."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
+import cli_runs
 import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_CACHE = pathlib.Path(os.environ.get("DDPM_TEST_CACHE", "/tmp/ddpm_jax_test_compile_cache"))
 
 # Small everything: 24 test digits (a padded second batch of 16), 32 samples for MNIST-FID.
 EVAL_FLAGS = ("--config.eval.batch_size=16", "--config.eval.bpd_num_examples=24",
@@ -20,16 +17,7 @@ EVAL_FLAGS = ("--config.eval.batch_size=16", "--config.eval.bpd_num_examples=24"
 
 
 def _run(workdir, *flags, mode="train", check=True):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(_CACHE), JAX_PLATFORMS="cpu",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    cmd = [sys.executable, str(REPO / "main.py"), f"--config={REPO / 'configs/tiny.py'}",
-           f"--workdir={workdir}", f"--mode={mode}", *flags]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return cli_runs.run(workdir, *flags, mode=mode, timeout=300, check=check)
 
 
 def _event_bytes(workdir) -> bytes:

@@ -7,10 +7,9 @@ import json
 import logging
 import os
 import pathlib
-import subprocess
-import sys
 
 import chex
+import cli_runs
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -246,29 +245,9 @@ def test_classifier_config_checks():
 
 # --- the modes end to end ----------------------------------------------------------------------
 
-def _config():
-    """The tiny config with one-level networks: the modes' plumbing compiles in seconds."""
-    config = tiny.get_config()
-    config.model.ch_mult = config.classifier.ch_mult = (1,)
-    return config
-
-
-SMALL = ("--config.model.ch_mult=(1,)", "--config.classifier.ch_mult=(1,)")
-
-
 def _cli(workdir, mode, *overrides):
-    """main.py on `_config()` in a 1-device subprocess, with test_train's compile cache."""
-    cache = os.environ.get("DDPM_TEST_CACHE", "/tmp/ddpm_jax_test_compile_cache")
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PLATFORMS="cpu",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "main.py"), f"--config={REPO / 'configs/tiny.py'}",
-         f"--workdir={workdir}", f"--mode={mode}", *SMALL, *overrides],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stderr
+    """main.py on the tiny config in a 1-device subprocess; returns its log."""
+    return cli_runs.run(workdir, *overrides, num_devices=1, mode=mode).stderr
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +255,7 @@ def trained_workdir(tmp_path_factory):
     """A workdir with a tiny diffusion checkpoint (random weights) and a classifier trained for 4
     steps by `--mode=train_classifier`, then resumed to 6."""
     workdir = tmp_path_factory.mktemp("models")
-    config = _config()
+    config = tiny.get_config()
     model = train_lib.create_model(config)
     image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     optimizer = train_lib.create_optimizer(config_lib.optim_args(config))
@@ -309,7 +288,7 @@ def test_train_classifier_checkpoints_and_evaluates(trained_workdir):
 
 def test_sample_mode_with_classifier_guidance_and_labels(trained_workdir, caplog):
     caplog.set_level(logging.INFO)
-    config = _config()
+    config = tiny.get_config()
     config.sample.sampler = "dpm_solver_pp_2m"
     config.sample.classifier_scale = 2.0
     config.sample.labels = "3,7"
@@ -330,7 +309,7 @@ def test_sample_mode_with_classifier_guidance_and_labels(trained_workdir, caplog
 def test_guidance_sweep_writes_accuracy_per_scale(trained_workdir):
     """The code path of the MNIST CFG-accuracy check (here on an untrained model, so the numbers
     mean nothing): samples per class and scale, judged by evaluation.mnist_classifier."""
-    config = _config()
+    config = tiny.get_config()
     config.sample.sweep_scales = (0.0, 3.0)
     config.sample.sweep_per_class = 1
     result = generate.guidance_sweep(config, str(trained_workdir))
@@ -347,7 +326,7 @@ def test_guidance_sweep_writes_accuracy_per_scale(trained_workdir):
 def test_restoring_without_a_checkpoint_names_the_fix(tmp_path):
     """Sampling or guiding from a workdir that holds no checkpoint: one error that says what to
     do, and the read-only restore creates no checkpoint directory."""
-    config = _config()
+    config = tiny.get_config()
     with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*Fix: train first"):
         train_lib.restore_params(config, str(tmp_path))
     config.sample.classifier_scale = 2.0
@@ -376,7 +355,7 @@ def test_a_sampler_registered_in_one_place_is_reachable_from_the_cli(trained_wor
     import main  # the CLI's mode table; its flags are defined, not parsed
 
     name = "test_traced_ddim"
-    config = _config()
+    config = tiny.get_config()
     config.sample.sampler = name
     config.sample.progress_every = 2
     with pytest.raises(config_lib.ConfigError, match=f"sample.sampler='{name}' is not supported"):
