@@ -477,12 +477,25 @@ def _folder_config(folder, num_steps: int):
     return config
 
 
-def test_cli_trains_then_samples_on_a_folder(folder, tmp_path):
-    workdir = tmp_path / "run"
-    proc = test_train._run(workdir, *_folder_flags(folder), "--config.train.num_steps=4")
-    assert "c_broken.jpg" in proc.stderr  # the skipped file is logged with its path
+NUM_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """configs/tiny.py trained NUM_STEPS steps on a generated folder, uninterrupted, in 8
+    devices: the CLI test reads its log and the resume test compares against it."""
+    folder = make_folder(tmp_path_factory.mktemp("images") / "images")
+    workdir = tmp_path_factory.mktemp("folder_run") / "run"
+    proc = test_train._run(workdir, *_folder_flags(folder), f"--config.train.num_steps={NUM_STEPS}")
+    return folder, workdir, proc.stderr
+
+
+def test_cli_trains_then_samples_on_a_folder(folder_run):
+    folder, workdir, log = folder_run
+    assert "c_broken.jpg" in log  # the skipped file is logged with its path
     steps, counts = figures.read_scalars(str(workdir / "tensorboard"))["train/bad_images"]
-    assert list(steps) == [2, 4] and counts[-1] == 1  # ... and counted in TensorBoard
+    assert list(steps) == list(range(2, NUM_STEPS + 1, 2))  # ... and counted in TensorBoard:
+    assert list(counts) == [1] * len(steps)  # every batch of 8 holds it; counted once
     assert json.loads((workdir / "label_map.json").read_text())["classes"] == {"cat": 0, "dog": 1}
     test_train._run(workdir, *_folder_flags(folder), mode="sample")
     data = np.load(next(workdir.glob("samples_*.npz")))
@@ -490,19 +503,21 @@ def test_cli_trains_then_samples_on_a_folder(folder, tmp_path):
     # Another class folder in place of one (same count, so the config still fits): the
     # label -> class map of the checkpoint no longer holds, and resuming must refuse.
     (folder / "cat").rename(folder / "bird")
-    failed = subprocess.run(test_train._cli(workdir, *_folder_flags(folder),
-                                            "--config.train.num_steps=6"),
-                            env=test_train._env(8), cwd=test_train.REPO, capture_output=True,
-                            text=True, timeout=240)
+    try:
+        failed = subprocess.run(
+            test_train._cli(workdir, *_folder_flags(folder),
+                            f"--config.train.num_steps={NUM_STEPS + 2}"),
+            env=test_train._env(8), cwd=test_train.REPO, capture_output=True, text=True,
+            timeout=240)
+    finally:
+        (folder / "bird").rename(folder / "cat")
     assert failed.returncode == 1
     assert "added ['bird'], removed ['cat']" in failed.stderr and "Fix:" in failed.stderr
 
 
-def test_sigkill_then_resume_is_bit_identical_on_a_folder(tmp_path):
-    folder = make_folder(tmp_path / "images")
-    flags = (*_folder_flags(folder), "--config.train.num_steps=12")
-    reference = tmp_path / "reference"
-    test_train._run(reference, *flags)
+def test_sigkill_then_resume_is_bit_identical_on_a_folder(folder_run, tmp_path):
+    folder, reference, _ = folder_run
+    flags = (*_folder_flags(folder), f"--config.train.num_steps={NUM_STEPS}")
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(test_train._cli(workdir, *flags), env=test_train._env(8),
                             cwd=test_train.REPO, stdout=subprocess.DEVNULL,
@@ -510,12 +525,12 @@ def test_sigkill_then_resume_is_bit_identical_on_a_folder(tmp_path):
     killed_after = test_train._wait_for_checkpoint(workdir, proc, min_step=2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert killed_after < 12
+    assert killed_after < NUM_STEPS
     resumed = test_train._run(workdir, *flags)
     assert "Resumed from step" in resumed.stderr
-    config = _folder_config(folder, 12)
+    config = _folder_config(folder, NUM_STEPS)
     for use_ema in (False, True):
         step, params = test_train._params(workdir, config, use_ema=use_ema)
         _, ref = test_train._params(reference, config, use_ema=use_ema)
-        assert step == 12
+        assert step == NUM_STEPS
         test_train._assert_trees_equal(params, ref)
