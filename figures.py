@@ -326,12 +326,13 @@ def guidance_figure(path: str, config: ml_collections.ConfigDict, workdir: str, 
     accuracy = {"shown": {}, "sweep": {}}
     sample, data = config_lib.sample_args(config), config_lib.data_args(config)
     fig, axes = _figure(size_px, len(scales), 1)
+    sampler = sampling_lib.make_sampler(  # one program for every w != 0
+        sample, model, schedule, mesh, image_shape=data.spec.shape, batch_size=batch,
+        num_steps=min(num_steps, schedule.num_timesteps))
     for row, scale in enumerate(scales):
-        sampler = sampling_lib.make_sampler(
-            sample, model, schedule, mesh, image_shape=data.spec.shape, batch_size=batch,
-            num_steps=min(num_steps, schedule.num_timesteps), guidance_scale=scale)
         images = sampling_lib.sample_many(sampler, params, num_samples=len(labels),
-                                          cond={"label": labels}, seed=seed, log_progress=False)
+                                          cond={"label": labels}, seed=seed,
+                                          guidance_scale=scale, log_progress=False)
         # Judged as shown: quantised to uint8, as guidance_sweep judges what it writes.
         uint8 = data.spec.decode(images)
         predicted = np.argmax(np.asarray(apply_fn(classifier_params, encode_pixels(uint8))), -1)

@@ -137,13 +137,13 @@ def guidance_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result = {"step": step, "sampler": s.sampler, "num_steps": s.num_steps or
               config.diffusion.num_timesteps, "per_class": s.sweep_per_class, "seed": s.seed,
               "accuracy": {}, "accuracy_per_class": {}}
-    sample = config_lib.sample_args(config)
+    sampler = sampling_lib.make_sampler(config_lib.sample_args(config), model, schedule, mesh,
+                                        image_shape=data.spec.shape, batch_size=s.batch_size,
+                                        num_steps=s.num_steps)  # one program for every w != 0
     for scale in s.sweep_scales:
-        sampler = sampling_lib.make_sampler(sample, model, schedule, mesh,
-                                            image_shape=data.spec.shape, batch_size=s.batch_size,
-                                            num_steps=s.num_steps, guidance_scale=scale)
         images = sampling_lib.sample_many(sampler, params, num_samples=len(labels),
-                                          cond={"label": labels}, seed=s.seed)
+                                          cond={"label": labels}, seed=s.seed,
+                                          guidance_scale=scale)
         # Judge what is written to disk: the uint8 images, encoded as the classifier takes them.
         quantised = encode_pixels(data.spec.decode(images))
         predicted = np.concatenate([np.asarray(classify(quantised[i:i + s.batch_size]))

@@ -36,13 +36,19 @@ from ml_collections import config_flags
 
 import classifier_training
 import evaluate
-import figures
 import generate
 import interrupts
 import metric_logging
 import text_eval
 import train_lib
 from errors import UserError
+
+
+def make_figures(config, workdir):
+    import figures  # matplotlib: imported by the one mode that draws (~0.5 s at every start)
+
+    return figures.make_figures(config, workdir)
+
 
 # --mode -> what it runs, each called as fn(config, workdir).
 MODES = {
@@ -51,7 +57,7 @@ MODES = {
     "eval": evaluate.evaluate,
     "train_classifier": classifier_training.train_classifier,
     "guidance_sweep": generate.guidance_sweep,
-    "figures": figures.make_figures,
+    "figures": make_figures,
     "text_eval": text_eval.text_eval,
 }
 

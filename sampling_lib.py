@@ -17,6 +17,7 @@ line with steps/s and ETA between chunks, and the same images as one uninterrupt
 """
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -36,18 +37,22 @@ from models import NoisyClassifier, UNet, classifier_log_prob_grad, conditioning
 from run_args import SampleArgs
 
 
-def guided_model_fn(model: UNet, params, cond: conditioning.Cond | None, guidance_scale: float,
+def guided_model_fn(model: UNet, params, cond: conditioning.Cond | None,
+                    guidance_scale: float | jax.Array,
                     null: dict | None = None) -> samplers.ModelFn:
-    """model_fn(x_t [B,H,W,C], t [B]) -> network output, guided when guidance_scale > 0.
+    """model_fn(x_t [B,H,W,C], t [B]) -> network output, guided unless guidance_scale is the
+    number 0. A traced scale always guides (the batch twice through the network), so one
+    program serves every w.
 
     cond: the condition (the fields the model reads are used; None or {} = unconditional).
     null: ∅ (`conditioning.null_cond`); default the null label of a class-conditional model.
     """
+    unguided = isinstance(guidance_scale, int | float) and guidance_scale == 0
     cond = conditioning.select(cond, model.cond_fields)
     null = conditioning.null_cond(model.num_classes) if null is None else null
 
     def model_fn(x, t):
-        if not cond or guidance_scale == 0:
+        if not cond or unguided:
             return model.apply({"params": params}, x, t, cond, train=False)
         both = conditioning.concatenate([cond, conditioning.uncond_like(cond, null)])
         out = model.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
@@ -101,8 +106,11 @@ def parse_labels(spec: str, num_samples: int, num_classes: int) -> np.ndarray | 
 class Sampler:
     """A jitted, batch-sharded sampler for one batch size; compiled once, reused for every call.
 
+    guidance_scale: the default w of classifier-free guidance; a call may ask for another. The
+    scale is an input of the program, not a constant in it: one program serves w = 0 (the
+    condition alone, one pass) and one every w != 0, so a sweep over scales compiles twice.
     progress_every: steps per jitted chunk, with a progress line after each (0 = the whole loop
-    in one call, no progress lines). `num_traces` counts how often the chunk was traced.
+    in one call, no progress lines). `num_traces` counts how often a chunk was traced.
     null: the null condition ∅ of classifier-free guidance (`conditioning.null_cond`; default:
     the null label of a class-conditional model). The classifier of classifier guidance reads
     the request's cond["label"].
@@ -120,14 +128,15 @@ class Sampler:
         self.image_shape = image_shape
         self.num_steps = spec.loop_length(schedule.num_timesteps)  # K, loop iterations per batch
         self.progress_every = progress_every or self.num_steps
+        self.guidance_scale = float(guidance_scale)
         self.num_traces = 0
         self._data = NamedSharding(mesh, P("data"))
         self._replicated = NamedSharding(mesh, P())
         use_classifier = classifier is not None and classifier_scale != 0
 
-        def chunk(params, classifier_params, state, cond, key, start, stop):
+        def chunk(guided, params, classifier_params, state, cond, key, scale, start, stop):
             self.num_traces += 1
-            model_fn = guided_model_fn(model, params, cond, guidance_scale, null)
+            model_fn = guided_model_fn(model, params, cond, scale if guided else 0, null)
             cond_fn = None
             if use_classifier:
                 cond_fn = classifier_cond_fn(classifier, classifier_params, cond["label"],
@@ -139,8 +148,16 @@ class Sampler:
         # Forward passes only, unless the classifier's gradient is taken: that one runs 16%
         # slower with the inference options (measured: the MNIST classifier at batch 64).
         options = None if use_classifier else cpu_runtime.inference_compiler_options()
-        self._chunk = jax.jit(chunk, in_shardings=(rep, rep, data, data, rep, rep, rep),
-                              out_shardings=data, donate_argnums=2, compiler_options=options)
+        self._chunks = {  # guided -> the chunk's program
+            guided: jax.jit(functools.partial(chunk, guided),
+                            in_shardings=(rep, rep, data, data, rep, rep, rep, rep),
+                            out_shardings=data, donate_argnums=2, compiler_options=options)
+            for guided in (False, True)}
+
+    def _chunk(self, guidance_scale: float | None):
+        """(the program for this scale, the scale as its input)."""
+        w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        return self._chunks[w != 0], jnp.float32(w)
 
     def _inputs(self, params, classifier_params, key: jax.Array, cond: dict | None):
         """(params, classifier_params, state, cond, loop key), placed as the chunk wants them."""
@@ -152,16 +169,19 @@ class Sampler:
         params, classifier_params = jax.device_put((params, classifier_params), self._replicated)
         return params, classifier_params, state, cond, k_loop
 
-    def compile(self, params, classifier_params=None, cond: dict | None = None) -> float:
+    def compile(self, params, classifier_params=None, cond: dict | None = None, *,
+                guidance_scale: float | None = None) -> float:
         """Traces and compiles the chunk for conditions shaped like `cond` [batch_size, ...]
-        (later calls reuse it); returns the seconds taken."""
+        and this scale (default: the sampler's; later calls reuse it); returns the seconds."""
         begin = time.perf_counter()
-        inputs = self._inputs(params, classifier_params, jax.random.key(0), cond)
-        self._chunk.lower(*inputs, 0, 0).compile()
+        *inputs, k_loop = self._inputs(params, classifier_params, jax.random.key(0), cond)
+        program, w = self._chunk(guidance_scale)
+        program.lower(*inputs, k_loop, w, 0, 0).compile()
         return time.perf_counter() - begin
 
     def __call__(self, params, key: jax.Array, cond: dict | None, *,
-                 classifier_params=None, progress: metric_logging.Progress | None = None,
+                 classifier_params=None, guidance_scale: float | None = None,
+                 progress: metric_logging.Progress | None = None,
                  progress_offset: int = 0) -> np.ndarray:
         """Images in [-1, 1], float32 [batch_size, H, W, C], on the host.
 
@@ -172,9 +192,10 @@ class Sampler:
         """
         params, classifier_params, state, cond, k_loop = self._inputs(
             params, classifier_params, key, cond)
+        program, w = self._chunk(guidance_scale)
         for start in range(0, self.num_steps, self.progress_every):
             stop = min(start + self.progress_every, self.num_steps)
-            state = self._chunk(params, classifier_params, state, cond, k_loop, start, stop)
+            state = program(params, classifier_params, state, cond, k_loop, w, start, stop)
             if progress is not None:
                 jax.block_until_ready(state)
                 step = progress_offset + stop
@@ -183,8 +204,10 @@ class Sampler:
 
 
 def sample_many(sampler: Sampler, params, *, num_samples: int, cond: dict | None, seed: int,
-                classifier_params=None, log_progress: bool = True) -> np.ndarray:
-    """num_samples images in [-1, 1], streamed in batches of sampler.batch_size.
+                classifier_params=None, guidance_scale: float | None = None,
+                log_progress: bool = True) -> np.ndarray:
+    """num_samples images in [-1, 1], streamed in batches of sampler.batch_size, at
+    guidance_scale (default: the sampler's).
 
     cond: fields [num_samples, ...] on the host (None = unconditional). With log_progress, a line
     with steps/s, images/s and the ETA of the whole run follows every chunk (compilation comes
@@ -196,7 +219,8 @@ def sample_many(sampler: Sampler, params, *, num_samples: int, cond: dict | None
         rows = conditioning.take(cond, slice(start, start + sampler.batch_size))
         return conditioning.resize(rows, sampler.batch_size)
 
-    seconds = sampler.compile(params, classifier_params, batch_cond(0))
+    seconds = sampler.compile(params, classifier_params, batch_cond(0),
+                              guidance_scale=guidance_scale)
     logging.info("Compiled the sampler in %.1f s.", seconds)
     out = []
     key = jax.random.key(seed)
@@ -208,7 +232,7 @@ def sample_many(sampler: Sampler, params, *, num_samples: int, cond: dict | None
     for i, start in enumerate(range(0, num_samples, sampler.batch_size)):
         n = min(sampler.batch_size, num_samples - start)
         images = sampler(params, jax.random.fold_in(key, i), batch_cond(start),
-                         classifier_params=classifier_params,
+                         classifier_params=classifier_params, guidance_scale=guidance_scale,
                          progress=progress if log_progress else None,
                          progress_offset=i * sampler.num_steps)
         out.append(images[:n])

@@ -81,16 +81,15 @@ def text_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "num_steps": s.num_steps or config.diffusion.num_timesteps, "seed": s.seed,
               "scales": {}}
     scalars = {}
+    sampler = sampling_lib.make_sampler(config_lib.sample_args(config), model, schedule, mesh,
+                                        image_shape=data.spec.shape, batch_size=s.batch_size,
+                                        num_steps=s.num_steps, null=null)  # every w, one program
     for scale in s.sweep_scales:
         if scale > 0 and config.diffusion.p_uncond == 0:
             logging.warning("Skipping guidance scale %g: the model has no null condition.", scale)
             continue
-        sampler = sampling_lib.make_sampler(config_lib.sample_args(config), model, schedule,
-                                            mesh, image_shape=data.spec.shape,
-                                            batch_size=s.batch_size, num_steps=s.num_steps,
-                                            guidance_scale=scale, null=null)
         images = sampling_lib.sample_many(sampler, params, num_samples=len(labels), cond=cond,
-                                          seed=s.seed)
+                                          seed=s.seed, guidance_scale=scale)
         uint8 = data.spec.decode(images)
         row = digit_quality.judge(net, uint8, labels, real=real)
         row.update(digit_captions.attribute_agreement(uint8, labels, requested, reference))

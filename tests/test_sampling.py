@@ -104,13 +104,14 @@ def nets():
     return model, _params(model, 0, x, t, {"label": y}), classifier, _params(classifier, 1, x, t)
 
 
-def _sampler(nets, num_devices: int, progress_every: int):
+def _sampler(nets, num_devices: int, progress_every: int, guidance_scale: float = 2.0):
     model, _, classifier, _ = nets
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), ("data",))
     return sampling_lib.Sampler(
         model, schedules.schedule_from_name("cosine", 50), mesh, image_shape=SHAPE,
         batch_size=BATCH, sampler="ancestral", num_steps=STEPS, eta=0.0, clip_x0=True,
-        guidance_scale=2.0, prediction="eps", var_type="learned_range", classifier=classifier,
+        guidance_scale=guidance_scale, prediction="eps", var_type="learned_range",
+        classifier=classifier,
         classifier_scale=3.0, progress_every=progress_every)
 
 
@@ -145,6 +146,25 @@ def test_sampler_is_deterministic_exact_in_chunks_and_traced_once(nets, sampler_
     # Ahead-of-time compilation for conditions of the same shape reuses the trace.
     sampler_8.compile(params, classifier_params, {"label": labels})
     assert sampler_8.num_traces == 1
+
+
+def test_one_sampler_serves_every_guidance_scale(nets, sampler_8):
+    """w is an input of the program, not a constant in it: the w = 2 sampler asked for w = 5
+    draws what a sampler built for w = 5 draws; every w != 0 runs one program, w = 0 another."""
+    _, params, _, classifier_params = nets
+    labels = np.arange(BATCH) % 3
+    run = lambda sampler, w=None: sampler(params, jax.random.key(0), {"label": labels},
+                                          classifier_params=classifier_params, guidance_scale=w)
+    at_2 = run(sampler_8)
+    traces = sampler_8.num_traces
+    at_5 = run(sampler_8, 5.0)
+    np.testing.assert_allclose(at_5, run(_sampler(nets, 8, progress_every=3, guidance_scale=5.0)),
+                               atol=2e-5)
+    assert np.max(np.abs(at_5 - at_2)) > 1e-3
+    run(sampler_8, 3.0)
+    assert sampler_8.num_traces == traces  # w = 2, 5, 3: the same program
+    at_0 = run(sampler_8, 0.0)
+    assert sampler_8.num_traces == traces + 1 and np.max(np.abs(at_0 - at_2)) > 1e-3
 
 
 def test_8_devices_equal_1_device(nets, sampler_8):
@@ -306,13 +326,24 @@ def test_sample_mode_with_classifier_guidance_and_labels(trained_workdir, caplog
     assert all("img/s" in line and "ETA" in line for line in lines)
 
 
-def test_guidance_sweep_writes_accuracy_per_scale(trained_workdir):
+def _counting_make_sampler(monkeypatch) -> list:
+    """Patches sampling_lib.make_sampler to record each call; returns the record."""
+    calls, make = [], sampling_lib.make_sampler
+    monkeypatch.setattr(sampling_lib, "make_sampler",
+                        lambda *a, **k: calls.append(k) or make(*a, **k))
+    return calls
+
+
+def test_guidance_sweep_writes_accuracy_per_scale(trained_workdir, monkeypatch):
     """The code path of the MNIST CFG-accuracy check (here on an untrained model, so the numbers
-    mean nothing): samples per class and scale, judged by evaluation.mnist_classifier."""
+    mean nothing): samples per class and scale, judged by evaluation.mnist_classifier; one
+    sampler serves every scale."""
     config = tiny.get_config()
     config.sample.sweep_scales = (0.0, 3.0)
     config.sample.sweep_per_class = 1
+    made = _counting_make_sampler(monkeypatch)
     result = generate.guidance_sweep(config, str(trained_workdir))
+    assert len(made) == 1
     written = json.loads((trained_workdir / "guidance_sweep.json").read_text())
     assert written == result
     assert set(result["accuracy"]) == {"0", "3"}
@@ -321,6 +352,27 @@ def test_guidance_sweep_writes_accuracy_per_scale(trained_workdir):
         assert len(result["accuracy_per_class"][scale]) == 10
         np.testing.assert_allclose(np.mean(result["accuracy_per_class"][scale]),
                                    result["accuracy"][scale])
+
+
+def test_text_eval_of_a_class_conditional_model_judges_every_scale(trained_workdir,
+                                                                    monkeypatch):
+    """--mode=text_eval's code path on the tiny class-conditional model (random weights, so the
+    numbers mean nothing): one row of judged numbers per scale, from one sampler."""
+    import text_eval
+
+    config = tiny.get_config()
+    config.eval.feature_net = "mnist_classifier"
+    config.eval.text_num_prompts = 16
+    config.sample.sweep_scales = (0.0, 2.0, 4.0)
+    made = _counting_make_sampler(monkeypatch)
+    result = text_eval.text_eval(config, str(trained_workdir))
+    assert len(made) == 1
+    assert result["conditioned_on"] == "label (attributes unused)"
+    assert set(result["scales"]) == {"0", "2", "4"}
+    rows = list(result["scales"].values())
+    assert all(np.isfinite(v) for row in rows for v in row.values())
+    assert rows[0] != rows[1]  # another scale, other samples
+    assert json.loads((trained_workdir / "text_eval.json").read_text()) == result
 
 
 def test_restoring_without_a_checkpoint_names_the_fix(tmp_path):
