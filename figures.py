@@ -426,8 +426,9 @@ def training_curves_figure(path: str, workdir: str, *,
 
 def make_figures(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Every figure into <workdir>/figures/. The data-only figures come first; the reverse
-    chain, the guidance grid (class-conditional MNIST models with p_uncond > 0) and the curves
-    need a trained run in workdir (with the settings it was trained with). Returns {name: path}."""
+    chain, the guidance grid (class-conditional MNIST models with p_uncond > 0; drawn with
+    config.sample's sampler and steps, as --mode=sample draws) and the curves need a trained run
+    in workdir (with the settings it was trained with). Returns {name: path}."""
     config = config_compat.trained_config(config, workdir)
     out = os.path.join(workdir, "figures")
     T = config.diffusion.num_timesteps
@@ -446,8 +447,8 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> dict[str, s
     shape = config_lib.data_args(config).spec.image.shape
     if config.model.num_classes == 10 and config.diffusion.p_uncond > 0 and shape == (28, 28, 1):
         paths["guidance"] = guidance_figure(os.path.join(out, "guidance.png"), config,
-                                            workdir, seed=config.sample.seed,
-                                            restored=restored)[0]
+                                            workdir, num_steps=config.sample.num_steps or T,
+                                            seed=config.sample.seed, restored=restored)[0]
     else:
         logging.info("Skipped the guidance figure: it needs a class-conditional 28x28x1 model "
                      "with 10 classes trained with p_uncond > 0.")
