@@ -226,9 +226,10 @@ def test_text_unet_traces_once_and_reads_tokens_and_mask():
 
 # --- the trainer and the CLI with text on ---------------------------------------------------
 
+TEXT_STEPS = 6
 TEXT = ["--config.data.captions=digits", "--config.model.text_encoder=minilm",
         "--config.model.num_classes=0", "--config.model.cross_attn_resolutions=(28,)",
-        "--config.train.num_steps=12"]
+        f"--config.train.num_steps={TEXT_STEPS}"]
 
 
 def _text_config():
@@ -237,7 +238,7 @@ def _text_config():
     config.model.text_encoder = "minilm"
     config.model.num_classes = 0
     config.model.cross_attn_resolutions = (28,)
-    config.train.num_steps = 12
+    config.train.num_steps = TEXT_STEPS
     return config
 
 
@@ -255,7 +256,7 @@ def _with_cache(reference, workdir):
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
-    """An uninterrupted 8-device run of tiny + text (12 steps), then samples from prompts."""
+    """An uninterrupted 8-device run of tiny + text, TEXT_STEPS steps."""
     workdir = tmp_path_factory.mktemp("text_reference")
     train = _run(workdir, *TEXT)
     assert "distinct captions" in train.stderr
@@ -289,13 +290,13 @@ def test_text_sigkill_then_resume_is_bit_identical(text_run, tmp_path):
     killed_after = _wait_for_checkpoint(workdir, proc, min_step=2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert killed_after < 12
+    assert killed_after < TEXT_STEPS
     resumed = _run(workdir, *TEXT)
     assert "Resumed from step" in resumed.stderr
     for use_ema in (False, True):
         step, params = _params(workdir, use_ema)
         _, ref = _params(text_run, use_ema)
-        assert step == 12
+        assert step == TEXT_STEPS
         _assert_trees_equal(params, ref)
 
 
