@@ -12,9 +12,15 @@ import os
 
 from cli_runs import cache_env
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# LLVM's optimisation passes off (unless DDPM_TEST_XLA_OPT=1 or XLA_FLAGS chooses a level): the
+# suite compiles hundreds of small programs and runs each for a few steps, so compiling is most
+# of its time. The programs are the same HLO, fused the same way, calling the same library
+# kernels (YNNPACK, Eigen convolutions) as users' at XLA's default level; only the element-wise
+# code XLA emits itself is less optimised. docs/performance.md has the measurement.
+_flags = os.environ.get("XLA_FLAGS", "")
+if os.environ.get("DDPM_TEST_XLA_OPT") != "1" and "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 for _name, _value in cache_env().items():
     os.environ.setdefault(_name, _value)
