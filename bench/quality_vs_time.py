@@ -291,11 +291,12 @@ class Judge:
                        else samplers.DEFAULT_SPACING)
             spec = dataclasses.replace(base.spec, sampler=name, num_steps=steps, spacing=spacing)
             self.spacing[sampler_label(name, steps)] = spacing
+            sampler = sampling_lib.make_sampler(  # every scale: w is an input of its programs
+                dataclasses.replace(base, spec=spec), model, schedule, mesh,
+                image_shape=data.spec.shape, batch_size=base.batch_size, num_steps=steps,
+                sampler=name)
             for w in self.scales:
-                self.samplers[(sampler_label(name, steps), w)] = sampling_lib.make_sampler(
-                    dataclasses.replace(base, spec=spec), model, schedule, mesh,
-                    image_shape=data.spec.shape, batch_size=base.batch_size, num_steps=steps,
-                    sampler=name, guidance_scale=w)
+                self.samplers[(sampler_label(name, steps), w)] = sampler
                 # Network evaluations per image, CFG doubling the batch: for the ETA.
                 self.cost[(sampler_label(name, steps), w)] = (
                     spec.model_evaluations(schedule.num_timesteps) * (2 if w > 0 else 1))
@@ -320,7 +321,8 @@ class Judge:
         for (sampler, w), s in self.samplers.items():
             start = time.perf_counter()
             images = sampling_lib.sample_many(s, params, num_samples=max(self.sizes),
-                                              cond={"label": self.labels}, seed=self.seed)
+                                              cond={"label": self.labels}, seed=self.seed,
+                                              guidance_scale=w)
             uint8 = metric_logging.to_uint8(images)
             row = {str(n): digit_quality.judge(self.net, uint8[:n], self.labels[:n],
                                                real=self.real) for n in self.sizes}

@@ -75,7 +75,8 @@ def test_the_judge_samples_once_for_every_size_and_its_floor_is_real_digits(tmp_
     results, _ = judge(params, "test")
     row = results["ddim-2"]["0"]
     alone = sampling_lib.sample_many(judge.samplers[("ddim-2", 0.0)], params, num_samples=8,
-                                     cond={"label": judge.labels[:8]}, seed=config.sample.seed)
+                                     cond={"label": judge.labels[:8]}, seed=config.sample.seed,
+                                     guidance_scale=0.0)
     expected = digit_quality.judge(judge.net, qvt.metric_logging.to_uint8(alone),
                                    np.arange(8) % 10, real=judge.real)
     assert row["8"] == pytest.approx(expected)
