@@ -1,13 +1,10 @@
 """`--mode=eval` end to end on a tiny trained workdir, and the periodic estimates in training."""
 
 import json
-import pathlib
 
 import cli_runs
 import numpy as np
 import pytest
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Small everything: 24 test digits (a padded second batch of 16), 32 samples for MNIST-FID.
 EVAL_FLAGS = ("--config.eval.batch_size=16", "--config.eval.bpd_num_examples=24",

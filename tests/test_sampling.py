@@ -6,7 +6,6 @@ guidance) and guidance_sweep end to end on the tiny config.
 import json
 import logging
 import os
-import pathlib
 
 import chex
 import cli_runs
@@ -25,8 +24,6 @@ import train_lib
 from configs import mnist, mnist_classifier, tiny
 from diffusion import samplers, schedules
 from models import NoisyClassifier, UNet
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # 8 devices vs 1 run the same per-example arithmetic, but XLA picks convolution and reduction
 # kernels by the per-device batch (1 vs 8 here), which reorders float32 sums: a few ulps per
@@ -111,8 +108,7 @@ def _sampler(nets, num_devices: int, progress_every: int, guidance_scale: float 
         model, schedules.schedule_from_name("cosine", 50), mesh, image_shape=SHAPE,
         batch_size=BATCH, sampler="ancestral", num_steps=STEPS, eta=0.0, clip_x0=True,
         guidance_scale=guidance_scale, prediction="eps", var_type="learned_range",
-        classifier=classifier,
-        classifier_scale=3.0, progress_every=progress_every)
+        classifier=classifier, classifier_scale=3.0, progress_every=progress_every)
 
 
 @pytest.fixture(scope="module")
