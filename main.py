@@ -45,7 +45,7 @@ from errors import UserError
 
 
 def make_figures(config, workdir):
-    import figures  # matplotlib: imported by the one mode that draws (~0.5 s at every start)
+    import figures  # and matplotlib: imported by the one mode that draws, not at every start
 
     return figures.make_figures(config, workdir)
 
