@@ -18,14 +18,39 @@ sampling and evaluation tests. Timesteps are 0-based as in diffusion/schedules.p
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cpu_runtime
+
 MU = 0.3  # data mean used by the oracle tests
 S2 = 0.25  # data variance (s = 0.5)
+
+# conftest.py compiles the suite without LLVM's optimisation passes: most tests compile far longer
+# than they run. A sampler chain on the oracle is the opposite (thousands of samples through up
+# to 1,000 steps of element-wise code XLA emits itself, ~5x slower unoptimised), so its programs
+# ask for XLA's default level. Same HLO, same float32 semantics (no fast-math either way).
+OPTIMIZED = {"xla_backend_optimization_level": 2}
+fast_jit = functools.partial(jax.jit, compiler_options=OPTIMIZED)
+
+
+@contextlib.contextmanager
+def fast_inference():
+    """Inside: the library's inference programs built here (sampling_lib.Sampler and
+    likelihood.BoundEvaluator take their options from cpu_runtime.inference_compiler_options at
+    construction) compile at XLA's default level too, as fast_jit."""
+    original = cpu_runtime.inference_compiler_options
+    cpu_runtime.inference_compiler_options = lambda: {**original(), **OPTIMIZED}
+    try:
+        yield
+    finally:
+        cpu_runtime.inference_compiler_options = original
 
 
 def alphas_cumprod(betas: np.ndarray) -> np.ndarray:

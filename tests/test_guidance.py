@@ -122,7 +122,7 @@ def test_conditional_oracle_reproduces_each_class(betas, schedule, sampler):
     -0.3 % for DDIM.)"""
     mix = Mixture(betas)
     y = jnp.arange(N) % 2
-    x = jax.jit(lambda key: _run(lambda x, t: mix.eps_cond(x, t, y), schedule, key,
+    x = oracle.fast_jit(lambda key: _run(lambda x, t: mix.eps_cond(x, t, y), schedule, key,
                                  sampler=sampler))(jax.random.key(0))
     x = np.asarray(x, np.float64)
     m1, v = _chain(betas, sampler, mu=1.0)
@@ -141,7 +141,7 @@ def test_unconditional_oracle_reproduces_the_mixture(betas, schedule, sampler):
     directions orthogonal to m are N(0, s²) to 5 SE + the sampler's exact variance bias on
     N(0, s²) data (+0.3 % ancestral, +3.0 % DPM-Solver++ with 20 steps)."""
     mix = Mixture(betas)
-    x = jax.jit(lambda key: _run(mix.eps_uncond, schedule, key, sampler=sampler))(
+    x = oracle.fast_jit(lambda key: _run(mix.eps_uncond, schedule, key, sampler=sampler))(
         jax.random.key(1))
     x = np.asarray(x, np.float64)
     u = x @ M_HAT
@@ -179,7 +179,7 @@ def _guided_runs(betas, schedule, method: str, sampler: str) -> list[np.ndarray]
             mix.eps_cond(x, t, y), mix.eps_uncond(x, t), scale)
         return _run(model_fn, schedule, key, sampler=sampler)
 
-    run = jax.jit(run)  # the scale is traced: one compilation for all of them
+    run = oracle.fast_jit(run)  # the scale is traced: one compilation for all of them
     return [np.asarray(run(scale, jax.random.key(2)), np.float64) for scale in SCALES]
 
 
@@ -225,7 +225,7 @@ def test_cfg_equals_classifier_guidance_with_exact_scores(betas, schedule, sampl
         mix.eps_cond(x, t, y), mix.eps_uncond(x, t), w))
     classifier = lambda s: (lambda x, t: s * mix.grad_log_prob(x, t, y))
 
-    @jax.jit
+    @oracle.fast_jit
     def runs(w, key):
         return (_run(cfg(w), schedule, key, sampler=sampler),
                 _run(lambda x, t: mix.eps_cond(x, t, y), schedule, key, sampler=sampler,
@@ -294,7 +294,7 @@ def test_cfg_on_gaussians_matches_the_closed_form(betas, schedule, sampler):
 
         return _run(model_fn, schedule, key, sampler=sampler)
 
-    run = jax.jit(run)
+    run = oracle.fast_jit(run)
     predicted = []
     for w in (0.0, 1.0, 3.0):
         x = np.asarray(run(w, jax.random.key(4)), np.float64)
@@ -412,7 +412,7 @@ def test_dpm_solver_pp_2m_matches_the_float64_reference(betas, schedule, predict
     measured, atol 1e-5."""
     ab = oracle.alphas_cumprod(betas)
     x_T = jax.random.normal(jax.random.key(5), ORACLE_SHAPE)
-    run = jax.jit(lambda x_T: samplers.sample(
+    run = oracle.fast_jit(lambda x_T: samplers.sample(
         _oracle_model(ab, prediction), schedule, ORACLE_SHAPE, jax.random.key(6),
         sampler="dpm_solver_pp_2m", num_steps=20, prediction=prediction, clip_x0=False, x_T=x_T))
     x0 = np.asarray(run(x_T), np.float64)
@@ -480,7 +480,7 @@ def test_dpm_solver_pp_2m_sde_matches_the_float64_reference_path_by_path(betas, 
     ab = oracle.alphas_cumprod(betas)
     key = jax.random.key(6)
     x_T = jax.random.normal(jax.random.key(5), ORACLE_SHAPE)
-    run = jax.jit(lambda x_T: samplers.sample(
+    run = oracle.fast_jit(lambda x_T: samplers.sample(
         _oracle_model(ab, prediction), schedule, ORACLE_SHAPE, key, sampler="dpm_solver_pp_2m_sde",
         num_steps=20, prediction=prediction, clip_x0=False, x_T=x_T))
     x0 = np.asarray(run(x_T), np.float64)
@@ -508,7 +508,7 @@ def test_dpm_solver_pp_2m_sde_samples_the_data_and_converges(betas, schedule):
     assert np.all(errors > 0) and errors[0] < 0.08, errors
     assert np.all((3.0 < errors[:-1] / errors[1:]) & (errors[:-1] / errors[1:] < 6.0)), errors
     ab = oracle.alphas_cumprod(betas)
-    run = jax.jit(lambda key: samplers.sample(
+    run = oracle.fast_jit(lambda key: samplers.sample(
         _oracle_model(ab, "eps"), schedule, ORACLE_SHAPE, key, sampler="dpm_solver_pp_2m_sde",
         num_steps=20, clip_x0=False))
     x0 = np.asarray(run(jax.random.key(9)), np.float64).ravel()

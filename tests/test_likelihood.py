@@ -93,9 +93,10 @@ def _oracle_evaluator(betas, var_type, mesh=None):
     if var_type == "learned_range":
         values = oracle.learned_range_values(betas, oracle.optimal_reverse_variance(betas))
     eps_model = oracle.make_eps_model(ab, variance_values=values)
-    return likelihood.BoundEvaluator(lambda params, x, t, y: eps_model(x, t), schedule,
-                                     mesh or train_lib.make_mesh(), prediction="eps",
-                                     var_type=var_type)
+    with oracle.fast_inference():
+        return likelihood.BoundEvaluator(lambda params, x, t, y: eps_model(x, t), schedule,
+                                         mesh or train_lib.make_mesh(), prediction="eps",
+                                         var_type=var_type)
 
 
 def _bound(evaluator, source, **kwargs):

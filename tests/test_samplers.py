@@ -127,7 +127,7 @@ def test_ancestral_sampling_with_the_oracle_reproduces_the_data(schedule, betas,
         sigma2 = oracle.optimal_reverse_variance(betas)
         values = oracle.learned_range_values(betas, sigma2)
     model_fn = oracle.make_eps_model(ab, variance_values=values)
-    run = jax.jit(
+    run = oracle.fast_jit(
         lambda key: samplers.sample(
             model_fn, schedule, ORACLE_SHAPE, key, var_type=var_type, clip_x0=False
         )
@@ -159,7 +159,7 @@ def test_ddim_with_the_oracle_is_the_exact_deterministic_map(schedule, betas):
     ab = np.cumprod(1 - betas)
     model_fn = oracle.make_eps_model(ab)
     x_T = jax.random.normal(jax.random.key(0), ORACLE_SHAPE)
-    run = jax.jit(
+    run = oracle.fast_jit(
         lambda x_T: samplers.sample(
             model_fn,
             schedule,
@@ -188,7 +188,7 @@ def test_ddim_with_the_oracle_is_the_exact_deterministic_map(schedule, betas):
 def test_stochastic_ddim_with_the_oracle_matches_its_exact_moments(schedule, betas):
     """DDIM with η = 0.5 over 50 respaced steps: output N(m, v) from the affine-Gaussian chain."""
     ab = np.cumprod(1 - betas)
-    run = jax.jit(
+    run = oracle.fast_jit(
         lambda key: samplers.sample(
             oracle.make_eps_model(ab),
             schedule,
@@ -380,8 +380,8 @@ def test_heun_with_the_oracle_is_the_exact_deterministic_map(schedule, betas):
     ab = np.cumprod(1 - betas)
     spec = samplers.SamplerSpec(sampler="heun", num_steps=20, clip_x0=False)
     x_T = jax.random.normal(jax.random.key(0), ORACLE_SHAPE)
-    x0 = jax.jit(lambda x_T: samplers.sample(oracle.make_eps_model(ab), schedule, ORACLE_SHAPE,
-                                             jax.random.key(1), spec, x_T=x_T))(x_T)
+    x0 = oracle.fast_jit(lambda x_T: samplers.sample(
+        oracle.make_eps_model(ab), schedule, ORACLE_SHAPE, jax.random.key(1), spec, x_T=x_T))(x_T)
     steps = oracle.heun_steps(ab[schedules.space_timesteps(T, 20)])
     offset = oracle.chain_moments(steps, mean=0.0, var=0.0)[0]
     gain = oracle.chain_moments(steps, mean=1.0, var=0.0)[0] - offset
