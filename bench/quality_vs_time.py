@@ -40,6 +40,14 @@ a line per scale, the floor dashed and 1.5x the floor dotted).
     .venv/bin/python bench/quality_vs_time.py --budgets 0.3 --num-samples 50 --scales 0 1 \\
         --out-dir /tmp/qvt --workdir /tmp/qvt/work                          # a smoke test
 
+Judging only: `--judge WORKDIR` trains nothing and judges the newest checkpoint of an existing
+workdir (e.g. `make demo`'s) with each sampling seed of `--seeds`: per sampler and scale the mean
+and the spread between seeds, which says which differences 500 samples can resolve. It writes
+<out-dir>/quality_vs_time_judged_<workdir name>.json (no plot).
+
+    .venv/bin/python bench/quality_vs_time.py --judge workdirs/mnist --seeds 0 1 2 \
+        --samplers ancestral:100 dpm_solver_pp_2m_sde:20 --scales 0 0.5 0.6
+
 Run it alone: other jobs' CPU use comes out of the budget (each segment records its CPU seconds
 per wall second and the load average). The trainer's progress line counts its ETA to the step cap;
 the "budget" lines say where the budget stands.
@@ -71,6 +79,7 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import checkpointing  # noqa: E402
+import config_compat  # noqa: E402
 import config_lib  # noqa: E402
 import cpu_runtime  # noqa: E402
 import input_pipeline  # noqa: E402
@@ -443,6 +452,63 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, budgets: Sequence[fl
     return result
 
 
+def judge_workdir(config: ml_collections.ConfigDict, workdir: str, *,
+                  sampler_steps: Sequence[tuple[str, int]], scales: Sequence[float],
+                  sizes: Sequence[int], seeds: Sequence[int], out_json: str,
+                  about: dict) -> dict:
+    """Judges the newest checkpoint of `workdir` once per sampling seed (`--judge`); the model has
+    the settings it was trained with (config_compat), whatever `config` says."""
+    config = config_compat.trained_config(config, workdir)
+    _, params, step = train_lib.restore_params(config, workdir, use_ema=config.sample.use_ema)
+    judge = Judge(config, workdir, sampler_steps, scales, sizes)
+    result = {**about, "mode": "judge", "workdir": workdir, "step": step,
+              "machine": machine(), "num_samples": sorted(sizes),
+              "samplers": [sampler_label(*s) for s in sampler_steps], "spacing": judge.spacing,
+              "scales": list(scales), "seeds": list(seeds),
+              "params": "ema" if config.sample.use_ema else "raw", "reference": judge.reference,
+              "config": json.loads(checkpointing.config_to_json(config)),
+              "floor": judge.floor(), "by_seed": {}}
+    for seed in seeds:
+        judge.seed = seed
+        result["by_seed"][str(seed)], _ = judge(params, f"step {step}, seed {seed}")
+        metric_logging.write_json(out_json, result)
+    return result
+
+
+def markdown_judged(result: dict) -> str:
+    """The table of a `--judge` result: per sampler and scale, mean ± standard deviation over the
+    seeds (n - 1 in the denominator; no ± for one seed)."""
+    m, small = result["machine"], str(result["num_samples"][0])
+    seeds = list(result["by_seed"])
+    lines = [f"### quality_vs_time --judge {result['workdir']} (step {result['step']}), "
+             f"{small} samples, seeds {' '.join(seeds)}", "",
+             f"CPU: {m['cpu']} ({m['cores']} cores, AVX-512 {'yes' if m['avx512f'] else 'no'}), "
+             f"{m['date']}.", "",
+             "| sampler | w | MNIST-FID | × floor | accuracy | confident | border | "
+             "MNIST-FID per seed |", "|---|---|---|---|---|---|---|---|"]
+    floor = result["floor"].get(small)
+    if floor:
+        lines.append(f"| real held-out digits | | {floor['fid']:.2f} | 1.00 | "
+                     f"{floor['accuracy']:.3f} | {floor['confident']:.3f} | "
+                     f"{floor['border']:.3f} | |")
+
+    def cell(values, digits):
+        mean = f"{np.mean(values):.{digits}f}"
+        return mean if len(values) < 2 else f"{mean} ± {np.std(values, ddof=1):.{digits}f}"
+
+    first = result["by_seed"][seeds[0]]
+    for sampler, by_scale in first.items():
+        for w in by_scale:
+            rows = [result["by_seed"][seed][sampler][w][small] for seed in seeds]
+            fids = [r["fid"] for r in rows]
+            ratio = f"{np.mean(fids) / floor['fid']:.2f}" if floor else ""
+            lines.append(f"| {sampler} | {w} | {cell(fids, 2)} | {ratio} | "
+                         + " | ".join(cell([r[k] for r in rows], 3)
+                                      for k in ("accuracy", "confident", "border"))
+                         + f" | {' '.join(f'{v:.2f}' for v in fids)} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     cpu_runtime.restart_with_huge_page_malloc()  # CPU speed: cpu_runtime.py, section 3
     cpu_runtime.configure()  # before jax's first computation
@@ -460,7 +526,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--name", default="", help="default: the config's name and overrides")
     ap.add_argument("--workdir", default="", help="default: workdirs/quality_vs_time/<name>")
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--judge", default="", metavar="WORKDIR",
+                    help="train nothing: judge the newest checkpoint of WORKDIR")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="sampling seeds (--judge only; default: the config's sample.seed)")
     args, overrides = ap.parse_known_args(argv)
+    if args.seeds is not None and not args.judge:
+        ap.error("--seeds goes with --judge WORKDIR")
     if unknown := [a for a in overrides if not a.startswith("--config.")]:
         ap.error(f"unrecognized arguments: {' '.join(unknown)}")
     metric_logging.log_to_stderr()
@@ -480,12 +552,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 config_file = config_file.relative_to(ROOT)
             about = {"name": name, "config_file": str(config_file), "overrides": overrides,
                      "command": " ".join(sys.argv)}
-            result = run(config, workdir, budgets=args.budgets, sampler_steps=sampler_steps,
-                         scales=args.scales, sizes=sizes, out_json=out + ".json", about=about)
+            if args.judge:
+                out = os.path.join(args.out_dir, "quality_vs_time_judged_"
+                                   + os.path.basename(os.path.normpath(args.judge)))
+                result = judge_workdir(
+                    config, args.judge, sampler_steps=sampler_steps, scales=args.scales,
+                    sizes=sizes, seeds=args.seeds or [config.sample.seed],
+                    out_json=out + ".json", about=about)
+            else:
+                result = run(config, workdir, budgets=args.budgets, sampler_steps=sampler_steps,
+                             scales=args.scales, sizes=sizes, out_json=out + ".json",
+                             about=about)
     except UserError as e:
         sys.exit(f"error: {e}")
     except interrupts.Stopped as stop:
         sys.exit(f"{stop.signal_name} received: stopped (finished checkpoints are in the JSON).")
+    if args.judge:
+        print(markdown_judged(result))
+        print(f"\nWrote {out}.json")
+        return result
     print(markdown(result))
     print(f"\nWrote {out}.json and {plot(result, out + '.png')}")
     return result

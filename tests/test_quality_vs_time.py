@@ -1,11 +1,14 @@
 """bench/quality_vs_time.py's pieces on the tiny config: the budget clock's stopping rule (on a
 fake clock), its one-line errors, the judge's wiring (samplers, spacing, sample sizes, the real
-floor) and the table. The timed training itself is the benchmark's, never a test's."""
+floor), the judge-only mode (--judge) and the tables. The timed training itself is the
+benchmark's, never a test's."""
+
+import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from checkpoint_fixtures import state_at, tiny_config
+from checkpoint_fixtures import state_at, tiny_config, write_checkpoints
 from PIL import Image
 
 import sampling_lib
@@ -112,3 +115,33 @@ def test_the_table_has_a_row_per_checkpoint_sampler_and_scale_and_the_plot_is_wr
     path = qvt.plot(result, str(tmp_path / "plot.png"))
     with Image.open(path) as image:
         assert image.size == (640, 340)
+
+
+def test_judge_mode_judges_the_newest_checkpoint_once_per_seed(tmp_path):
+    """--judge: the newest checkpoint (step 2 of 1, 2), its EMA parameters, each seed's samples
+    judged as the training mode judges them; the table shows mean ± sd over the seeds."""
+    config = tiny_config(**{"eval.fid_ref_num_examples": 512})
+    with pytest.raises(UserError, match="No checkpoint"):
+        qvt.judge_workdir(config, str(tmp_path / "empty"), sampler_steps=[("ddim", 2)],
+                          scales=[0.0], sizes=[8], seeds=[0], out_json="", about={})
+    workdir = tmp_path / "run"
+    states = write_checkpoints(workdir, config, [1, 2])
+    out = tmp_path / "judged.json"
+    result = qvt.judge_workdir(config, str(workdir), sampler_steps=[("ddim", 2)], scales=[0.0],
+                               sizes=[8], seeds=[3, 4], out_json=str(out), about={"name": "t"})
+    assert result["step"] == 2 and result["seeds"] == [3, 4] and result["params"] == "ema"
+    assert json.loads(out.read_text())["by_seed"] == json.loads(json.dumps(result["by_seed"]))
+    rows = [result["by_seed"][seed]["ddim-2"]["0"]["8"] for seed in ("3", "4")]
+    assert rows[0]["fid"] != rows[1]["fid"]  # another seed, other samples
+
+    judge = qvt.Judge(config, str(workdir), [("ddim", 2)], [0.0], sizes=[8])
+    judge.seed = 4
+    alone, _ = judge(states[2].ema_params, "test")
+    assert alone["ddim-2"]["0"]["8"] == pytest.approx(rows[1])
+
+    table = qvt.markdown_judged(result)
+    fids = [r["fid"] for r in rows]
+    line = next(x for x in table.splitlines() if x.startswith("| ddim-2 | 0 | "))
+    assert f"{np.mean(fids):.2f} ± {np.std(fids, ddof=1):.2f}" in line
+    assert line.endswith(f"| {fids[0]:.2f} {fids[1]:.2f} |")
+    assert "| real held-out digits | |" in table and "seeds 3 4" in table
