@@ -490,6 +490,7 @@ def folder_run(tmp_path_factory):
     return folder, workdir, proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_trains_then_samples_on_a_folder(folder_run):
     folder, workdir, log = folder_run
     assert "c_broken.jpg" in log  # the skipped file is logged with its path
@@ -515,6 +516,7 @@ def test_cli_trains_then_samples_on_a_folder(folder_run):
     assert "added ['bird'], removed ['cat']" in failed.stderr and "Fix:" in failed.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical_on_a_folder(folder_run, tmp_path):
     folder, reference, _ = folder_run
     flags = (*_folder_flags(folder), f"--config.train.num_steps={NUM_STEPS}")

@@ -264,6 +264,7 @@ def text_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_text_training_samples_prompts_and_unconditional(text_run):
     workdir = text_run
     _run(workdir, *TEXT, "--config.sample.prompt=a thin seven", mode="sample")
@@ -277,6 +278,7 @@ def test_text_training_samples_prompts_and_unconditional(text_run):
     assert list(data["prompts"]) == [""] * 16
 
 
+@pytest.mark.slow
 def test_text_8_devices_equal_1_device(text_run, tmp_path):
     _, params_8 = _params(text_run)
     _run(_with_cache(text_run, tmp_path), *TEXT, num_devices=1)
@@ -284,6 +286,7 @@ def test_text_8_devices_equal_1_device(text_run, tmp_path):
     assert _max_abs_diff(params_8, params_1) < DEVICE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_text_sigkill_then_resume_is_bit_identical(text_run, tmp_path):
     workdir = _with_cache(text_run, tmp_path)
     proc = subprocess.Popen(_cli(workdir, *TEXT), env=_env(8), cwd=REPO,
@@ -353,6 +356,7 @@ def test_prompts_need_a_text_model():
         "tokens", "mask")
 
 
+@pytest.mark.slow
 def test_precomputed_embeddings_train_and_sample(tmp_path):
     """model.text_encoder='precomputed': embeddings made elsewhere (here: the fake encoder) for
     every caption, prompt and "" train and sample like any encoder; a prompt missing from the

@@ -60,6 +60,7 @@ def reference_run(tmp_path_factory):
     return workdir, proc
 
 
+@pytest.mark.slow
 def test_cli_trains_and_samples_mnist_5k(reference_run, tmp_path):
     workdir, proc = reference_run
     assert "steps/s" in proc.stderr and "ETA" in proc.stderr  # the progress line
@@ -90,6 +91,7 @@ def test_train_and_sample_on_mock_cifar10(tmp_path):
     assert np.load(paths["npz"])["images"].shape == (16, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_8_devices_equal_1_device(reference_run, tmp_path):
     config = _config(num_steps=12)
     _, params_8 = _params(reference_run[0], config)
@@ -98,6 +100,7 @@ def test_8_devices_equal_1_device(reference_run, tmp_path):
     assert _max_abs_diff(params_8, params_1) < DEVICE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(reference_run, tmp_path):
     """Only the last step is compared, so only it is saved (a save across processes is slow)."""
     config = _config(num_steps=12)
@@ -119,6 +122,7 @@ def test_two_processes_equal_one_process(reference_run, tmp_path):
     assert _max_abs_diff(params_2p, params_1p) < DEVICE_TOLERANCE
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(reference_run, tmp_path):
     config = _config(num_steps=12)
     proc = subprocess.Popen(_cli(tmp_path, "--config.train.num_steps=12"), env=_env(8), cwd=REPO,
