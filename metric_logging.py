@@ -23,11 +23,25 @@ def writes_files() -> bool:
 
 
 def write_json(path: str, content) -> str:
-    """Writes `content` as indented JSON to path (process 0 only); returns path."""
+    """Writes `content` as indented JSON to path (process 0 only); returns path.
+
+    Atomic: the text goes to a temporary file beside it, synced, then renamed over path, so a
+    crash, a full disk or a value JSON cannot hold leaves the previous file (or none), never a
+    truncated one (text_eval.json keeps the scales of earlier sweeps, the benchmark its finished
+    checkpoints)."""
     if writes_files():
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(content, f, indent=1)
+        text = json.dumps(content, indent=1)  # a value JSON cannot hold fails here, first
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return path
 
 

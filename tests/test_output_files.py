@@ -1,11 +1,15 @@
 """Who writes a run's files and what a user sees: only process 0 of a multi-host run writes
-samples, figures and JSON results (every process computes them); --mode=sample on a CPU prints
-no library noise (libtpu's INFO line, orbax's read-only warnings)."""
+samples, figures and JSON results (every process computes them); a JSON result is replaced
+whole or not at all; --mode=sample on a CPU prints no library noise (libtpu's INFO line, orbax's
+read-only warnings)."""
 
+import errno
 import json
+import os
 
 import jax
 import numpy as np
+import pytest
 from checkpoint_fixtures import tiny_config, write_checkpoints
 from cli_runs import env, run
 
@@ -37,6 +41,24 @@ def test_the_writers_write_on_process_0_only(tmp_path, monkeypatch):
     monkeypatch.setattr(metric_logging, "writes_files", lambda: False)
     write(tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_a_json_result_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A value JSON cannot hold, or a full disk while writing, leaves the previous file as it
+    was and no temporary file beside it."""
+    path = str(tmp_path / "text_eval.json")
+    metric_logging.write_json(path, {"scales": {"2": 0.99}})
+    with pytest.raises(TypeError):
+        metric_logging.write_json(path, {"scales": {"2": 0.5, "3": np.float32(0.9)}})
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        metric_logging.write_json(path, {"scales": {"2": 0.5}})
+    assert json.loads(open(path).read()) == {"scales": {"2": 0.99}}
+    assert os.listdir(tmp_path) == ["text_eval.json"]
 
 
 def test_sample_mode_on_another_process_samples_but_writes_nothing(tmp_path, monkeypatch):
