@@ -42,11 +42,12 @@ a line per scale, the floor dashed and 1.5x the floor dotted).
 
 Judging only: `--judge WORKDIR` trains nothing and judges the newest checkpoint of an existing
 workdir (e.g. `make demo`'s) with each sampling seed of `--seeds`: per sampler and scale the mean
-and the spread between seeds, which says which differences 500 samples can resolve. It writes
-<out-dir>/quality_vs_time_judged_<workdir name>.json (no plot).
+and the spread between seeds, which says which differences 500 samples can resolve. The model
+and its settings are the checkpoint's; --budgets, --max-steps and --workdir do not apply. It
+writes <out-dir>/quality_vs_time_judged_<--name, default the workdir's name>.json (no plot).
 
-    .venv/bin/python bench/quality_vs_time.py --judge workdirs/mnist --seeds 0 1 2 \
-        --samplers ancestral:100 dpm_solver_pp_2m_sde:20 --scales 0 0.5 0.6
+    .venv/bin/python bench/quality_vs_time.py --judge workdirs/mnist --seeds 0 1 2 \\
+        --samplers ancestral:100 dpm_solver_pp_2m_sde:20 --scales 0 0.5 0.6 --name demo
 
 Run it alone: other jobs' CPU use comes out of the budget (each segment records its CPU seconds
 per wall second and the load average). The trainer's progress line counts its ETA to the step cap;
@@ -533,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args, overrides = ap.parse_known_args(argv)
     if args.seeds is not None and not args.judge:
         ap.error("--seeds goes with --judge WORKDIR")
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        ap.error(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
     if unknown := [a for a in overrides if not a.startswith("--config.")]:
         ap.error(f"unrecognized arguments: {' '.join(unknown)}")
     metric_logging.log_to_stderr()
@@ -542,7 +545,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             config = load_config(args.config, overrides)
             sampler_steps = parse_samplers(args.samplers)
             check(config, sampler_steps, args.scales, args.budgets, args.num_samples)
-            config = prepare(config, args.max_steps)
+            if not args.judge:  # a judged run keeps its own settings (config_compat)
+                config = prepare(config, args.max_steps)
             name = args.name or default_name(args.config, overrides)
             workdir = args.workdir or str(ROOT / "workdirs" / "quality_vs_time" / name)
             out = os.path.join(args.out_dir, f"quality_vs_time_{name}")
@@ -553,8 +557,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             about = {"name": name, "config_file": str(config_file), "overrides": overrides,
                      "command": " ".join(sys.argv)}
             if args.judge:
-                out = os.path.join(args.out_dir, "quality_vs_time_judged_"
-                                   + os.path.basename(os.path.normpath(args.judge)))
+                out = os.path.join(args.out_dir, "quality_vs_time_judged_" + (
+                    args.name or os.path.basename(os.path.abspath(args.judge))))
                 result = judge_workdir(
                     config, args.judge, sampler_steps=sampler_steps, scales=args.scales,
                     sizes=sizes, seeds=args.seeds or [config.sample.seed],

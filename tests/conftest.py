@@ -20,6 +20,7 @@ from cli_runs import cache_env
 _flags = os.environ.get("XLA_FLAGS", "")
 if os.environ.get("DDPM_TEST_XLA_OPT") != "1" and "xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
+    os.environ["DDPM_TEST_UNOPTIMIZED"] = "1"  # gaussian_oracle.fast_jit undoes it per program
 os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 for _name, _value in cache_env().items():

@@ -123,7 +123,7 @@ def test_conditional_oracle_reproduces_each_class(betas, schedule, sampler):
     mix = Mixture(betas)
     y = jnp.arange(N) % 2
     x = oracle.fast_jit(lambda key: _run(lambda x, t: mix.eps_cond(x, t, y), schedule, key,
-                                 sampler=sampler))(jax.random.key(0))
+                                         sampler=sampler))(jax.random.key(0))
     x = np.asarray(x, np.float64)
     m1, v = _chain(betas, sampler, mu=1.0)
     assert abs(m1 - 1.0) < 5e-3

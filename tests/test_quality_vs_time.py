@@ -118,8 +118,8 @@ def test_the_table_has_a_row_per_checkpoint_sampler_and_scale_and_the_plot_is_wr
 
 
 def test_judge_mode_judges_the_newest_checkpoint_once_per_seed(tmp_path):
-    """--judge: the newest checkpoint (step 2 of 1, 2), its EMA parameters, each seed's samples
-    judged as the training mode judges them; the table shows mean ± sd over the seeds."""
+    """--judge: the newest checkpoint (step 2 of 1, 2) with config.sample.use_ema's parameters,
+    each seed's samples judged as the training mode judges them; the table shows mean ± sd."""
     config = tiny_config(**{"eval.fid_ref_num_examples": 512})
     with pytest.raises(UserError, match="No checkpoint"):
         qvt.judge_workdir(config, str(tmp_path / "empty"), sampler_steps=[("ddim", 2)],
