@@ -323,15 +323,17 @@ class Judge:
                 out[str(n)] = digit_quality.judge(self.net, images, labels, real=self.real)
         return out
 
-    def __call__(self, params, label: str) -> tuple[dict, float]:
-        """({sampler: {scale: {num_samples: metrics}}}, seconds) of one checkpoint."""
+    def __call__(self, params, label: str, seed: int | None = None) -> tuple[dict, float]:
+        """({sampler: {scale: {num_samples: metrics}}}, seconds) of one checkpoint, sampled
+        from `seed` (default: the config's sample.seed)."""
+        seed = self.seed if seed is None else seed
         results: dict = {}
         total, done = sum(self.cost.values()), 0
         begin = time.perf_counter()
         for (sampler, w), s in self.samplers.items():
             start = time.perf_counter()
             images = sampling_lib.sample_many(s, params, num_samples=max(self.sizes),
-                                              cond={"label": self.labels}, seed=self.seed,
+                                              cond={"label": self.labels}, seed=seed,
                                               guidance_scale=w)
             uint8 = metric_logging.to_uint8(images)
             row = {str(n): digit_quality.judge(self.net, uint8[:n], self.labels[:n],
@@ -351,13 +353,18 @@ class Judge:
 
 # --- output -----------------------------------------------------------------------------------
 
+def cpu_text(m: dict) -> str:
+    """The machine of a result (`machine()`) as the tables name it."""
+    return f"{m['cpu']} ({m['cores']} cores, AVX-512 {'yes' if m['avx512f'] else 'no'})"
+
+
 def markdown(result: dict) -> str:
     """The tables of a result (as written to the JSON)."""
     m, sizes = result["machine"], result["num_samples"]
     small = str(sizes[0])
     lines = [f"### quality_vs_time {result['name']}: {result['config_file']} "
              f"{' '.join(result['overrides'])}".rstrip(), "",
-             f"CPU: {m['cpu']} ({m['cores']} cores, AVX-512 {'yes' if m['avx512f'] else 'no'}), "
+             f"CPU: {cpu_text(m)}, "
              f"{m['devices']}, {m['date']}. Training time: the loop only (setup and compile "
              f"not counted).", "",
              "| budget (min) | step | trained (min) | steps/s | CPU-s per s | setup s | "
@@ -470,8 +477,7 @@ def judge_workdir(config: ml_collections.ConfigDict, workdir: str, *,
               "config": json.loads(checkpointing.config_to_json(config)),
               "floor": judge.floor(), "by_seed": {}}
     for seed in seeds:
-        judge.seed = seed
-        result["by_seed"][str(seed)], _ = judge(params, f"step {step}, seed {seed}")
+        result["by_seed"][str(seed)], _ = judge(params, f"step {step}, seed {seed}", seed)
         metric_logging.write_json(out_json, result)
     return result
 
@@ -483,7 +489,7 @@ def markdown_judged(result: dict) -> str:
     seeds = list(result["by_seed"])
     lines = [f"### quality_vs_time --judge {result['workdir']} (step {result['step']}), "
              f"{small} samples, seeds {' '.join(seeds)}", "",
-             f"CPU: {m['cpu']} ({m['cores']} cores, AVX-512 {'yes' if m['avx512f'] else 'no'}), "
+             f"CPU: {cpu_text(m)}, "
              f"{m['date']}.", "",
              "| sampler | w | MNIST-FID | × floor | accuracy | confident | border | "
              "MNIST-FID per seed |", "|---|---|---|---|---|---|---|---|"]

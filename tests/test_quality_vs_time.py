@@ -135,8 +135,7 @@ def test_judge_mode_judges_the_newest_checkpoint_once_per_seed(tmp_path):
     assert rows[0]["fid"] != rows[1]["fid"]  # another seed, other samples
 
     judge = qvt.Judge(config, str(workdir), [("ddim", 2)], [0.0], sizes=[8])
-    judge.seed = 4
-    alone, _ = judge(states[2].ema_params, "test")
+    alone, _ = judge(states[2].ema_params, "test", seed=4)
     assert alone["ddim-2"]["0"]["8"] == pytest.approx(rows[1])
 
     table = qvt.markdown_judged(result)

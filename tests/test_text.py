@@ -102,14 +102,14 @@ def test_text_cfg_equals_the_closed_form(sampler):
     null = _caption(None)
     cond = conditioning.take({k: v[None] for k, v in _caption(0).items()}, np.zeros(N, int))
     num_steps = {"ancestral": 0, "ddim": 50}[sampler]
+    with oracle.fast_inference():  # one sampler: the scale is an input of its programs
+        run = sampling_lib.Sampler(
+            model, schedule, train_lib.make_mesh(), image_shape=(2, 2, 1), batch_size=N,
+            guidance_scale=0.0, sampler=sampler, num_steps=num_steps, eta=0.0, clip_x0=False,
+            prediction="eps", var_type="fixed_large", null=null, progress_every=0)
     means = []
     for w in (0.0, 1.0, 3.0):
-        with oracle.fast_inference():
-            run = sampling_lib.Sampler(
-                model, schedule, train_lib.make_mesh(), image_shape=(2, 2, 1), batch_size=N,
-                guidance_scale=w, sampler=sampler, num_steps=num_steps, eta=0.0, clip_x0=False,
-                prediction="eps", var_type="fixed_large", null=null, progress_every=0)
-        x = run({}, jax.random.key(4), cond).reshape(N, D).astype(np.float64)
+        x = run({}, jax.random.key(4), cond, guidance_scale=w).reshape(N, D).astype(np.float64)
         for i in range(D):
             g = (1 + w) * b / v_c - w * b / v_u[:, i]
             c = -(1 + w) * b * a * M[i] / v_c
