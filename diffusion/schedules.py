@@ -30,6 +30,14 @@ SCHEDULES = ("linear", "cosine", "sigmoid")
 T_SPACINGS = ("linspace", "leading", "trailing")
 SPACINGS = (*T_SPACINGS, "logsnr")
 
+# The noisy end of the uniform-λ grid. Below λ = -5 the signal √ᾱ_t x_0 is under 0.7 % of the
+# noise and solver steps there barely move x_t; the cosine schedule's last
+# timestep is at λ = -9.9 (β clipped at 0.999), so an unclipped 20-step grid spent 8 of its steps
+# on t >= 991. DPM-Solver's reference code ends cosine at T = 0.9946 (λ = -4.8) for the same
+# reason; the linear DDPM schedule ends at λ = -5.06, just below (its grid moves by <= 7 of the
+# 1000 timesteps).
+LOGSNR_MIN = -5.0
+
 _MAX_BETA = 0.999  # Nichol & Dhariwal clip: avoids the singularity β = 1 at the end of cosine.
 
 
@@ -221,7 +229,8 @@ def space_timesteps_logsnr(alphas_cumprod: np.ndarray, num_steps: int) -> np.nda
     """`num_steps` timesteps of 0..T-1 as evenly spaced in λ_t = ½ log(ᾱ_t/(1 - ᾱ_t)) as the
     integer t allow (DPM-Solver's "logSNR" spacing), sorted, always including 0 and T-1.
 
-    Each point of the uniform λ grid from λ_0 to λ_{T-1} takes its nearest timestep; where two
+    The grid is uniform from λ_0 to max(λ_{T-1}, LOGSNR_MIN), with T-1 itself (where x_T is
+    drawn) in place of its last point. Each grid point takes its nearest timestep; where two
     collide (the low-noise end, where λ changes fastest per t) the later ones move up by one so
     that the K timesteps are distinct. Returns int64 [K].
     """
@@ -229,7 +238,7 @@ def space_timesteps_logsnr(alphas_cumprod: np.ndarray, num_steps: int) -> np.nda
     num_timesteps = ab.shape[0]
     _check_num_steps(num_timesteps, num_steps)
     neg_lam = -0.5 * (np.log(ab) - np.log1p(-ab))  # increasing in t
-    grid = np.linspace(neg_lam[0], neg_lam[-1], num_steps)
+    grid = np.linspace(neg_lam[0], min(neg_lam[-1], -LOGSNR_MIN), num_steps)
     right = np.clip(np.searchsorted(neg_lam, grid), 1, num_timesteps - 1)
     nearer_left = grid - neg_lam[right - 1] < neg_lam[right] - grid
     ts = np.where(nearer_left, right - 1, right)

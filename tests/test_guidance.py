@@ -380,16 +380,22 @@ def _oracle_model(ab: np.ndarray, prediction: str):
 @pytest.mark.parametrize("name", ["linear", "cosine"])
 def test_logsnr_timesteps_are_distinct_and_uniform_in_lambda(name):
     """K distinct sorted timesteps from 0 to T-1 for every K; where the integer t leave room
-    (linear schedule, K = 10) the steps in λ are equal to 3 %. (Near t = 0, λ falls by 0.4 per
-    timestep, so for K ≳ 20 the first steps are one timestep each and unequal in λ.)"""
+    (linear schedule, K = 10) the steps in λ down to LOGSNR_MIN are equal to 3 %; on cosine,
+    whose λ_{T-1} is -9.9, only T-1 itself lies below LOGSNR_MIN (unclipped: 5 of 20). (Near
+    t = 0, λ falls by 0.4 per timestep, so for K ≳ 20 the first steps are one timestep each and
+    unequal in λ.)"""
     ab = oracle.alphas_cumprod(schedules.get_betas(name, T))
     for k in (2, 10, 20, 500, T):
         ts = schedules.space_timesteps_logsnr(ab, k)
         assert len(ts) == k and ts[0] == 0 and ts[-1] == T - 1 and np.all(np.diff(ts) > 0)
+    lam = 0.5 * np.log(ab / (1 - ab))
     if name == "linear":
-        lam = 0.5 * np.log(ab / (1 - ab))
         steps = -np.diff(lam[schedules.space_timesteps_logsnr(ab, 10)])
-        np.testing.assert_allclose(steps, (lam[0] - lam[-1]) / 9, rtol=0.03)
+        np.testing.assert_allclose(steps[:-1], (lam[0] - schedules.LOGSNR_MIN) / 9, rtol=0.03)
+    else:  # cosine ends at λ = -9.9: the grid stops at LOGSNR_MIN, then one step to T-1
+        ts = schedules.space_timesteps_logsnr(ab, 20)
+        assert np.sum(lam[ts] < schedules.LOGSNR_MIN) == 1, lam[ts]
+        assert lam[ts[-2]] > schedules.LOGSNR_MIN + 0.5 * (lam[0] - schedules.LOGSNR_MIN) / 19
 
 
 def _logsnr_alphas_cumprod(betas, num_steps: int) -> np.ndarray:
