@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
         net.num_groups = 4
     # Tests pin behaviour on these; they do not follow mnist.py's demo recipe.
     config.diffusion.num_timesteps = 100
+    config.diffusion.schedule = "linear"
     config.diffusion.prediction = "eps"
     config.diffusion.weighting = "none"
     config.optim.lr = 1e-3

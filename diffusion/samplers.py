@@ -42,7 +42,8 @@ diffusers' rules (`schedules.space_timesteps`): "linspace" (the default: both en
 spaces uniformly in λ (`space_timesteps_logsnr`, Lu et al.'s "logSNR" choice for low-resolution
 images): its steps are steps in λ, and on the linear schedule uniform t leaves one step of
 Δλ ≈ 2.7 at the low-noise end, where the 2M extrapolation overshoots (20 steps on Gaussian data:
-output variance +54 % with uniform t, +3 % uniform in λ). So it takes only the default spacing
+output variance +54 % with uniform t, +3 % uniform in λ); the grid stops at λ = -5
+(`schedules.LOGSNR_MIN`), below which x_t is noise to 0.7 %. So it takes only the default spacing
 (`spacing_problem` names the fix otherwise). The respaced schedule is built on the host (float64
 numpy, at trace time) from the schedule's concrete values: under jit, close over the schedule or
 build it inside the jitted function (`make_schedule` returns concrete arrays even while tracing).
