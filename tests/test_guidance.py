@@ -380,18 +380,23 @@ def _oracle_model(ab: np.ndarray, prediction: str):
 @pytest.mark.parametrize("name", ["linear", "cosine"])
 def test_logsnr_timesteps_are_distinct_and_uniform_in_lambda(name):
     """K distinct sorted timesteps from 0 to T-1 for every K; where the integer t leave room
-    (linear schedule, K = 10) the steps in λ down to LOGSNR_MIN are equal to 3 %; on cosine,
-    whose λ_{T-1} is -9.9, only T-1 itself lies below LOGSNR_MIN (unclipped: 5 of 20). (Near
-    t = 0, λ falls by 0.4 per timestep, so for K ≳ 20 the first steps are one timestep each and
-    unequal in λ.)"""
+    (linear schedule, K = 10) each interior point is the timestep nearest to its point of the
+    uniform grid from λ_0 to max(λ_{T-1}, LOGSNR_MIN), and the interior steps are equal to 2 %;
+    on cosine, whose λ_{T-1} is -9.9, only T-1 itself lies below LOGSNR_MIN (unclipped: 5 of 20).
+    (Near t = 0, λ falls by 0.4 per timestep, so for K ≳ 20 the first steps are one timestep each
+    and unequal in λ.)"""
     ab = oracle.alphas_cumprod(schedules.get_betas(name, T))
     for k in (2, 10, 20, 500, T):
         ts = schedules.space_timesteps_logsnr(ab, k)
         assert len(ts) == k and ts[0] == 0 and ts[-1] == T - 1 and np.all(np.diff(ts) > 0)
     lam = 0.5 * np.log(ab / (1 - ab))
     if name == "linear":
-        steps = -np.diff(lam[schedules.space_timesteps_logsnr(ab, 10)])
-        np.testing.assert_allclose(steps[:-1], (lam[0] - schedules.LOGSNR_MIN) / 9, rtol=0.03)
+        ts = schedules.space_timesteps_logsnr(ab, 10)
+        grid = np.linspace(lam[0], max(lam[-1], schedules.LOGSNR_MIN), 10)
+        for t, point in zip(ts[1:-1], grid[1:-1]):
+            assert abs(lam[t] - point) <= 0.5 * max(lam[t - 1] - lam[t], lam[t] - lam[t + 1])
+        steps = -np.diff(lam[ts])
+        np.testing.assert_allclose(steps[1:-1], (lam[0] - schedules.LOGSNR_MIN) / 9, rtol=0.02)
     else:  # cosine ends at λ = -9.9: the grid stops at LOGSNR_MIN, then one step to T-1
         ts = schedules.space_timesteps_logsnr(ab, 20)
         assert np.sum(lam[ts] < schedules.LOGSNR_MIN) == 1, lam[ts]
