@@ -393,7 +393,7 @@ def test_logsnr_timesteps_are_distinct_and_uniform_in_lambda(name):
     if name == "linear":
         ts = schedules.space_timesteps_logsnr(ab, 10)
         grid = np.linspace(lam[0], max(lam[-1], schedules.LOGSNR_MIN), 10)
-        for t, point in zip(ts[1:-1], grid[1:-1]):
+        for t, point in zip(ts[1:-1], grid[1:-1], strict=True):
             assert abs(lam[t] - point) <= 0.5 * max(lam[t - 1] - lam[t], lam[t] - lam[t + 1])
         steps = -np.diff(lam[ts])
         np.testing.assert_allclose(steps[1:-1], (lam[0] - schedules.LOGSNR_MIN) / 9, rtol=0.02)
