@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.checkpoint_every = 5000
     train.keep_checkpoints = 3
     train.sample_every = 0           # 0 = never; else write a sample grid to TensorBoard
-    train.sample_num_steps = 100     # respaced ancestral steps for the periodic grids
+    train.sample_num_steps = 100     # steps of sample.sampler for the grids and FID estimates
 
     # --- sampling: --mode=sample, --mode=guidance_sweep -----------------------------------------
     config.sample = sample = ml_collections.ConfigDict()

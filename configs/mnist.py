@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every = 100
     config.train.checkpoint_every = 500
     config.train.sample_every = 750
-    config.train.sample_num_steps = 50
+    config.train.sample_num_steps = 20  # the grids use the demo's sampler, 20 steps
 
     config.sample.num_samples = 100    # 10 rows of 10: one row per digit
     config.sample.batch_size = 100

@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.num_steps = 2400
     config.train.checkpoint_every = 300
     config.train.sample_every = 1200
+    config.train.sample_num_steps = 50  # ancestral, as it was measured
 
     config.sample.num_samples = 80         # 8 prompts x 10
     config.sample.batch_size = 80

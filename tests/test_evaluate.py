@@ -23,9 +23,11 @@ def _event_bytes(workdir) -> bytes:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """4 steps of the tiny config (T = 100) with the periodic estimates on at steps 2 and 4."""
+    """4 steps of the tiny config (T = 100) with the periodic estimates on at steps 2 and 4, and
+    a sample grid at step 4 (by the config's sampler, here DDIM)."""
     workdir = tmp_path_factory.mktemp("eval")
     proc = _run(workdir, "--config.train.num_steps=4", "--config.eval.bpd_every=2",
+                "--config.train.sample_every=4", "--config.sample.sampler=ddim",
                 "--config.eval.bpd_estimate_batches=1", "--config.eval.bpd_estimate_timesteps=8",
                 "--config.eval.batch_size=16", "--config.eval.fid_every=4",
                 "--config.eval.fid_every_num_samples=16", "--config.eval.kid_subset_size=8",
@@ -36,9 +38,11 @@ def trained(tmp_path_factory):
 def test_training_writes_the_periodic_estimates(trained):
     workdir, proc = trained
     events = _event_bytes(workdir)
-    for tag in (b"eval/bpd_estimate", b"eval/MNIST-FID_16samples", b"eval/MNIST-KID_16samples"):
+    for tag in (b"eval/bpd_estimate", b"eval/MNIST-FID_16samples", b"eval/MNIST-KID_16samples",
+                b"samples/ema"):
         assert tag in events
     assert "bound estimate" in proc.stderr and "MNIST-FID from 16 samples" in proc.stderr
+    assert "Sample grids of 16 images: ddim, 5 steps" in proc.stderr
 
 
 def test_eval_mode_writes_the_bound_and_mnist_fid(trained):
