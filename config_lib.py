@@ -153,6 +153,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     _require(0 <= s.num_steps <= d.num_timesteps,
              f"sample.num_steps={s.num_steps} must be in [0, diffusion.num_timesteps="
              f"{d.num_timesteps}] (0 = all steps).")
+    if tr.sample_every or config.eval.fid_every:  # the periodic grids' and FID's sampler
+        _require(0 <= tr.sample_num_steps <= d.num_timesteps,
+                 f"train.sample_num_steps={tr.sample_num_steps} must be in [0, "
+                 f"diffusion.num_timesteps={d.num_timesteps}] (0 = all steps).")
     _require_batch(s.batch_size, "sample.batch_size", num_devices)
     _require(s.num_samples > 0, f"sample.num_samples={s.num_samples} must be positive.")
     _require(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0.")

@@ -260,8 +260,8 @@ def make_sampler(sample: SampleArgs, model: UNet, schedule: schedules.Schedule,
 
 
 class GridSampler:
-    """Periodic sample grids during training: the config's sampler (sample.sampler, its
-    guidance) respaced to a few steps, EMA params."""
+    """Periodic sample grids during training: the config's sampler (sample.sampler and its
+    classifier-free guidance; no classifier guidance) respaced to a few steps, EMA params."""
 
     def __init__(self, sample: SampleArgs, model: UNet, schedule: schedules.Schedule,
                  mesh: jax.sharding.Mesh, *, data: DataSpec, num_steps: int, seed: int,
@@ -282,7 +282,8 @@ class GridSampler:
         self._sampler = make_sampler(sample, model, schedule, mesh, image_shape=data.shape,
                                      batch_size=n, num_steps=num_steps, null=null)
         logging.info("Sample grids of %d images: %s, %d steps, guidance %g.", n,
-                     sample.spec.sampler, num_steps, sample.guidance_scale)
+                     self._sampler.spec.sampler, self._sampler.num_steps,
+                     self._sampler.guidance_scale)
 
     def grid(self, params, seed: int) -> np.ndarray:
         images = self._sampler(params, jax.random.key(seed), self._cond)

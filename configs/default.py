@@ -103,10 +103,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample = sample = ml_collections.ConfigDict()
     sample.num_samples = 64
     sample.batch_size = 64           # per call; a multiple of the device count
-    sample.sampler = "ancestral"     # "ancestral" | "ddim" | "dpm_solver_pp_2m" | "heun"
+    sample.sampler = "ancestral"     # "ancestral" | "ddim" | "dpm_solver_pp_2m" |
+                                     # "dpm_solver_pp_2m_sde" | "heun"
     sample.num_steps = 0             # 0 = all num_timesteps; else respaced to this many steps
     sample.spacing = "linspace"      # respaced t: "linspace" | "leading" | "trailing" (diffusers');
-                                     # dpm_solver_pp_2m keeps its own log-SNR spacing
+                                     # the DPM-Solver++ samplers keep their log-SNR spacing
     sample.eta = 0.0                 # DDIM η (0 = deterministic)
     sample.clip_x0 = True
     sample.guidance_scale = 0.0      # classifier-free guidance w (0 = plain conditional)

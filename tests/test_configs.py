@@ -80,6 +80,7 @@ BAD = [
     ("model.num_classes", 0, "diffusion.p_uncond=0.1 drops class labels"),
     ("sample.sampler", "euler", "sample.sampler='euler'"),
     ("sample.num_steps", 5000, "sample.num_steps=5000"),
+    ("train.sample_num_steps", 5000, "train.sample_num_steps=5000"),
 ]
 
 
@@ -87,6 +88,7 @@ BAD = [
 def test_bad_config_is_rejected_before_compiling(field, value, message, tmp_path, monkeypatch):
     config = tiny.get_config()
     config.train.steps_per_dispatch = 2 if field == "train.log_every" else 1
+    config.train.sample_every = 2 if field == "train.sample_num_steps" else 0
     section, name = field.split(".")
     config[section][name] = value
     compiled = []

@@ -397,7 +397,7 @@ def test_logsnr_timesteps_are_distinct_and_uniform_in_lambda(name):
             assert abs(lam[t] - point) <= 0.5 * max(lam[t - 1] - lam[t], lam[t] - lam[t + 1])
         steps = -np.diff(lam[ts])
         np.testing.assert_allclose(steps[1:-1], (lam[0] - schedules.LOGSNR_MIN) / 9, rtol=0.02)
-    else:  # cosine ends at λ = -9.9: the grid stops at LOGSNR_MIN, then one step to T-1
+    else:  # cosine ends at λ = -9.9: the grid ends at LOGSNR_MIN, T-1 in place of its end
         ts = schedules.space_timesteps_logsnr(ab, 20)
         assert np.sum(lam[ts] < schedules.LOGSNR_MIN) == 1, lam[ts]
         assert lam[ts[-2]] > schedules.LOGSNR_MIN + 0.5 * (lam[0] - schedules.LOGSNR_MIN) / 19
