@@ -51,6 +51,13 @@ def _no_problem(problem: str | None) -> None:
         raise ConfigError(problem)
 
 
+def _require_num_steps(num_steps: int, field: str, num_timesteps: int) -> None:
+    """A sampler's respaced step count: 0 (all T steps) up to T."""
+    _require(0 <= num_steps <= num_timesteps,
+             f"{field}={num_steps} must be in [0, diffusion.num_timesteps={num_timesteps}] "
+             f"(0 = all steps).")
+
+
 def _require_batch(value: int, field: str, num_devices: int) -> None:
     """A global batch is split evenly over the devices (on a CPU: cpu_runtime.py, section 4)."""
     _require(value > 0 and value % num_devices == 0,
@@ -150,13 +157,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     _one_of(s.sampler, SAMPLERS, "sample.sampler")
     _one_of(s.spacing, T_SPACINGS, "sample.spacing")
     _no_problem(samplers.spacing_problem(s.sampler, s.spacing, "sample."))
-    _require(0 <= s.num_steps <= d.num_timesteps,
-             f"sample.num_steps={s.num_steps} must be in [0, diffusion.num_timesteps="
-             f"{d.num_timesteps}] (0 = all steps).")
+    _require_num_steps(s.num_steps, "sample.num_steps", d.num_timesteps)
     if tr.sample_every or config.eval.fid_every:  # the periodic grids' and FID's sampler
-        _require(0 <= tr.sample_num_steps <= d.num_timesteps,
-                 f"train.sample_num_steps={tr.sample_num_steps} must be in [0, "
-                 f"diffusion.num_timesteps={d.num_timesteps}] (0 = all steps).")
+        _require_num_steps(tr.sample_num_steps, "train.sample_num_steps", d.num_timesteps)
     _require_batch(s.batch_size, "sample.batch_size", num_devices)
     _require(s.num_samples > 0, f"sample.num_samples={s.num_samples} must be positive.")
     _require(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0.")
