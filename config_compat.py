@@ -47,6 +47,8 @@ DIFFUSION_RULES: tuple[tuple[str, str], ...] = (
     ("optim.grad_clip", ON_OFF),
     ("optim.lr", FREE),
     ("optim.warmup_steps", FREE),
+    ("optim.decay_steps", FREE),       # the schedule is a function of the step: no state
+    ("optim.end_lr", FREE),
     ("optim.beta*", FREE),
     ("optim.eps", FREE),
     ("optim.*", PINNED),               # a new optimiser field may add state: pinned until known

@@ -141,6 +141,17 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     _require(o.lr > 0, f"optim.lr={o.lr} must be positive. Fix: e.g. --config.optim.lr=2e-4.")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0.")
     _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 = off).")
+    _require(o.decay_steps == 0 or o.decay_steps > o.warmup_steps,
+             f"optim.decay_steps={o.decay_steps} must be 0 (no decay) or past the warmup's end, "
+             f"optim.warmup_steps={o.warmup_steps}. Fix: e.g. --config.optim.decay_steps="
+             f"{config.train.num_steps} (decay over the whole run).")
+    _require(0.0 <= o.end_lr <= o.lr,
+             f"optim.end_lr={o.end_lr} must be in [0, optim.lr={o.lr}].")
+    _require(o.decay_steps == 0 or o.end_lr > 0 or config.train.num_steps <= o.decay_steps,
+             f"train.num_steps={config.train.num_steps} runs past optim.decay_steps="
+             f"{o.decay_steps}, where the learning rate has decayed to optim.end_lr=0: those "
+             f"steps would not train. Fix: --config.optim.decay_steps={config.train.num_steps}, "
+             f"or a positive --config.optim.end_lr.")
 
     _require_batch(tr.batch_size, "train.batch_size", num_devices)
     _require(tr.num_steps > 0, f"train.num_steps={tr.num_steps} must be positive.")

@@ -59,10 +59,13 @@ class DiffusionArgs:
 
 @dataclasses.dataclass(frozen=True)
 class OptimArgs:
-    """Typed `config.optim`: Adam with linear warmup and global-norm clipping (0 = off)."""
+    """Typed `config.optim`: Adam with linear warmup, an optional cosine decay, and global-norm
+    clipping (0 = off)."""
 
     lr: float
     warmup_steps: int
+    decay_steps: int
+    end_lr: float
     beta1: float
     beta2: float
     eps: float

@@ -42,7 +42,11 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
 
 
 def learning_rate_fn(o: OptimArgs) -> optax.Schedule:
-    """Linear warmup from 0 to lr over warmup_steps, then constant (DDPM)."""
+    """Linear warmup from 0 to lr over warmup_steps, then constant (DDPM), or with decay_steps > 0
+    a half cosine from lr down to end_lr at step decay_steps, and end_lr after it."""
+    if o.decay_steps:
+        return optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, o.decay_steps,
+                                                  o.end_lr)
     if o.warmup_steps == 0:
         return optax.constant_schedule(o.lr)
     return optax.linear_schedule(0.0, o.lr, o.warmup_steps)

@@ -81,6 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim = optim = ml_collections.ConfigDict()
     optim.lr = 2e-4
     optim.warmup_steps = 5000
+    optim.decay_steps = 0            # 0 = constant lr after warmup (DDPM); else cosine from lr at
+    optim.end_lr = 0.0               # warmup_steps to end_lr at decay_steps, then end_lr
     optim.beta1 = 0.9
     optim.beta2 = 0.999
     optim.eps = 1e-8

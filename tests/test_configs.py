@@ -31,6 +31,23 @@ def test_cifar_is_the_paper_setting():
     assert c.data.random_flip
 
 
+@pytest.mark.parametrize("warmup", [0, 100])
+def test_the_cosine_decay_is_the_closed_form(warmup):
+    config = tiny.get_config()
+    config.optim.update(lr=2e-3, warmup_steps=warmup, decay_steps=1500, end_lr=1e-4)
+    lr = train_lib.learning_rate_fn(config_lib.optim_args(config))
+    for step in [0, 50, 100, 101, 700, 1499, 1500, 2000]:
+        if step < warmup:
+            want = 2e-3 * step / warmup
+        else:
+            progress = min(step - warmup, 1500 - warmup) / (1500 - warmup)
+            want = 1e-4 + (2e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * progress))
+        assert float(lr(step)) == pytest.approx(want, rel=1e-6, abs=1e-12), step
+    config.optim.decay_steps = 0  # the default: DDPM's warmup, then constant
+    lr = train_lib.learning_rate_fn(config_lib.optim_args(config))
+    assert float(lr(2000)) == pytest.approx(2e-3)
+
+
 def test_lsun256_is_the_papers_256_model_with_diffusers_parameter_count():
     c = lsun256.get_config()
     assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks,
@@ -67,6 +84,10 @@ BAD = [
     ("diffusion.var_type", "learned_range", "only trained by the bound term"),
     ("diffusion.num_timesteps", 10, "diffusion.num_timesteps=10"),
     ("optim.lr", -1e-4, "optim.lr=-0.0001 must be positive"),
+    ("optim.decay_steps", 2, "optim.decay_steps=2 must be 0 (no decay) or past the warmup's end"),
+    ("optim.decay_steps", 4, "train.num_steps=6 runs past optim.decay_steps=4, where the "
+     "learning rate has decayed to optim.end_lr=0"),
+    ("optim.end_lr", 0.1, "optim.end_lr=0.1 must be in [0, optim.lr=0.001]"),
     ("train.batch_size", 12, "train.batch_size=12 is not a positive multiple of the 8 devices. "
      "Fix: use a multiple of 8, or run on fewer devices (on a CPU: "
      "XLA_FLAGS=--xla_force_host_platform_device_count=1)."),
