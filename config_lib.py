@@ -15,7 +15,7 @@ import ml_collections
 
 from diffusion import samplers
 from diffusion.gaussian import PREDICTIONS, VAR_TYPES
-from diffusion.losses import LOSS_TYPES, WEIGHTINGS, loss_options_problem
+from diffusion.losses import LOSS_TYPES, T_SAMPLINGS, WEIGHTINGS, loss_options_problem
 from diffusion.samplers import SAMPLERS
 from diffusion.schedules import SCHEDULES, T_SPACINGS
 from errors import ConfigError
@@ -123,6 +123,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     _one_of(d.var_type, VAR_TYPES, "diffusion.var_type")
     _one_of(d.loss_type, LOSS_TYPES, "diffusion.loss_type")
     _one_of(d.weighting, WEIGHTINGS, "diffusion.weighting")
+    _one_of(d.t_sampling, T_SAMPLINGS, "diffusion.t_sampling")
     _no_problem(loss_options_problem(d.loss_type, d.var_type, d.weighting, "diffusion."))
     _require(d.schedule != "linear" or d.num_timesteps > 20,
              f"diffusion.schedule='linear' scales beta_end = 0.02 * 1000 / T, which reaches 1 "

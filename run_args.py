@@ -55,6 +55,7 @@ class DiffusionArgs:
     weighting: str
     min_snr_gamma: float
     p_uncond: float
+    t_sampling: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,7 +86,8 @@ def init_state(model: UNet, optimizer: optax.GradientTransformation, key: jax.Ar
 
 def loss_fn(params, model: UNet, schedule: schedules.Schedule, args: DiffusionArgs,
             batch: dict, key: jax.Array, null: dict | None = None):
-    """L for one batch: x_t = q_sample(x0, t, ε) at t ~ U{0..T-1}; loss on the model output.
+    """L for one batch: x_t = q_sample(x0, t, ε) at t ~ U{0..T-1} (independent, or stratified
+    over the batch: `losses.sample_timesteps`); loss on the model output.
 
     batch: {"image": [B, H, W, C], "cond": the conditioning pytree}. With p_uncond > 0 each
     example's condition is replaced by ∅ (`null`, default the null label) with that probability
@@ -95,7 +96,7 @@ def loss_fn(params, model: UNet, schedule: schedules.Schedule, args: DiffusionAr
     x0 = batch["image"]                                    # [B, H, W, C]
     b = x0.shape[0]
     k_t, k_noise, k_drop, k_uncond = jax.random.split(key, 4)
-    t = jax.random.randint(k_t, (b,), 0, args.num_timesteps)
+    t = losses.sample_timesteps(k_t, b, args.num_timesteps, args.t_sampling)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = gaussian.q_sample(schedule, x0, t, noise)
     cond = conditioning.select(batch["cond"], model.cond_fields)

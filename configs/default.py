@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.vlb_weight = 0.001     # λ of the hybrid loss (iDDPM)
     diffusion.weighting = "none"     # "none" | "min_snr"
     diffusion.min_snr_gamma = 5.0
+    diffusion.t_sampling = "uniform"  # "uniform" | "stratified": one t per 1/B of [0, T) (VDM)
     diffusion.p_uncond = 0.0         # classifier-free guidance: label dropout to the null label
 
     # --- optimiser: Adam with linear warmup and global-norm clipping ----------------------------

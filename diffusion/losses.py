@@ -28,6 +28,7 @@ from errors import ConfigError
 
 LOSS_TYPES = ("simple", "hybrid", "vlb")
 WEIGHTINGS = ("none", "min_snr")
+T_SAMPLINGS = ("uniform", "stratified")
 
 
 def loss_options_problem(
@@ -51,6 +52,22 @@ def loss_options_problem(
         return (f"{p}weighting={weighting!r} re-weights the MSE term, which {p}loss_type='vlb' "
                 f"does not have. Fix: {p}loss_type='simple' or 'hybrid', or {p}weighting='none'.")
     return None
+
+
+def sample_timesteps(key: jax.Array, batch: int, num_timesteps: int,
+                     how: str = "uniform") -> jnp.ndarray:
+    """The batch's training timesteps [B], each marginally U{0..T-1}.
+
+    "uniform": independent draws. "stratified": one shared u ~ U[0, 1), and example i gets
+    floor(T · ((u + i/B) mod 1)), so the batch has exactly one t in each of B equal strata of
+    [0, T): the low-discrepancy sampler of Kingma et al. 2021 (VDM), a lower-variance estimate of
+    the same expected loss.
+    """
+    check_choice("t_sampling", how, T_SAMPLINGS)
+    if how == "uniform":
+        return jax.random.randint(key, (batch,), 0, num_timesteps)
+    u = (jax.random.uniform(key, ()) + jnp.arange(batch, dtype=jnp.float32) / batch) % 1.0
+    return jnp.minimum(jnp.floor(u * num_timesteps), num_timesteps - 1).astype(jnp.int32)
 
 
 def _f32(x: jnp.ndarray | float) -> jnp.ndarray:

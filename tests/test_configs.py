@@ -83,6 +83,7 @@ BAD = [
     ("diffusion.loss_type", "hybrid", "needs diffusion.var_type='learned_range'"),
     ("diffusion.var_type", "learned_range", "only trained by the bound term"),
     ("diffusion.num_timesteps", 10, "diffusion.num_timesteps=10"),
+    ("diffusion.t_sampling", "sobol", "diffusion.t_sampling='sobol'"),
     ("optim.lr", -1e-4, "optim.lr=-0.0001 must be positive"),
     ("optim.decay_steps", 2, "optim.decay_steps=2 must be 0 (no decay) or past the warmup's end"),
     ("optim.decay_steps", 4, "train.num_steps=6 runs past optim.decay_steps=4, where the "

@@ -381,3 +381,34 @@ def test_jit_traces_once_per_dtype_and_returns_float32(schedule, fn):
             for out in jitted(schedule, x.astype(dtype), jnp.asarray(t)):
                 assert out.dtype == jnp.float32
                 assert np.all(np.isfinite(out)), fn.__name__
+
+
+@pytest.mark.parametrize("batch,num_timesteps", [(32, 1000), (7, 1000), (16, 16), (3, 50)])
+def test_stratified_timesteps_put_one_t_in_each_stratum_and_are_uniform_marginally(
+        batch, num_timesteps):
+    keys = jax.random.split(jax.random.key(0), 4000)
+    t = np.asarray(jax.vmap(lambda k: losses.sample_timesteps(
+        k, batch, num_timesteps, "stratified"))(keys))                     # [4000, B]
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= num_timesteps - 1
+    # one u per stratum [k/B, (k+1)/B), so the k-th smallest t = floor(T u) lies in
+    # [floor(kT/B), ceil((k+1)T/B) - 1]
+    k = np.arange(batch)
+    low, high = np.floor(k * num_timesteps / batch), np.ceil((k + 1) * num_timesteps / batch) - 1
+    t_sorted = np.sort(t, axis=1)
+    assert np.all((low <= t_sorted) & (t_sorted <= high))
+    if num_timesteps % batch == 0:  # strata of whole timesteps: exactly one t in each
+        np.testing.assert_array_equal(t_sorted // (num_timesteps // batch),
+                                      np.broadcast_to(k, t.shape))
+    # marginally U{0..T-1}: every example's t over the keys has the uniform mean and variance
+    mean, var = (num_timesteps - 1) / 2, (num_timesteps**2 - 1) / 12
+    se = np.sqrt(var / len(keys))
+    assert np.all(np.abs(t.mean(axis=0) - mean) < 5 * se), t.mean(axis=0)
+    assert np.all(np.abs(t.var(axis=0) / var - 1) < 0.1)
+
+
+def test_uniform_timesteps_are_the_independent_draws():
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(losses.sample_timesteps(key, 32, 1000),
+                                  jax.random.randint(key, (32,), 0, 1000))
+    with pytest.raises(ValueError, match="t_sampling .sobol."):
+        losses.sample_timesteps(key, 32, 1000, "sobol")
