@@ -93,20 +93,23 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
-def _host_array(leaf) -> np.ndarray:
-    """One full copy of a (replicated) leaf on the host, also on a multi-process run."""
+def _addressable_copy(leaf):
+    """One full copy of a (replicated) leaf that this process holds, also on a multi-process run."""
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
         if not leaf.is_fully_replicated:
             raise ValueError("state_digest needs replicated arrays on multi-process runs")
-        leaf = leaf.addressable_data(0)
-    return np.ascontiguousarray(jax.device_get(leaf))
+        return leaf.addressable_data(0)
+    return leaf
 
 
 def state_digest(state: Any) -> str:
     """SHA-256 over every leaf of `state`: its key path, dtype, shape and bytes, in tree order."""
+    flat = jax.tree_util.tree_leaves_with_path(state)
+    # one transfer for all the leaves: device_get starts every copy before waiting on any
+    host = jax.device_get([_addressable_copy(leaf) for _, leaf in flat])
     digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        a = _host_array(leaf)
+    for (path, _), a in zip(flat, host, strict=True):
+        a = np.ascontiguousarray(a)
         digest.update(f"{jax.tree_util.keystr(path)} {a.dtype} {a.shape};".encode())
         digest.update(a.reshape(-1).view(np.uint8))
     return digest.hexdigest()
