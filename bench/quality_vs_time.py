@@ -168,6 +168,12 @@ def check(config: ml_collections.ConfigDict, sampler_steps: Sequence[tuple[str, 
 
 def prepare(config: ml_collections.ConfigDict, max_steps: int) -> ml_collections.ConfigDict:
     """The config the benchmark trains: periodic grids and estimates off, num_steps a cap."""
+    if config.optim.decay_steps:
+        raise UserError(
+            f"optim.decay_steps={config.optim.decay_steps}: --budgets judges one run at several "
+            f"budgets, and a learning rate that decays to a fixed step would be judged in "
+            f"mid-decay. Fix: train each length with main.py (decay_steps = its num_steps) and "
+            f"judge it with --judge WORKDIR, or --config.optim.decay_steps=0.")
     for field, value in PERIODIC_OFF.items():
         section, name = field.split(".")
         config[section][name] = value

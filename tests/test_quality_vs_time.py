@@ -41,6 +41,8 @@ def test_the_budget_clock_starts_at_the_loops_first_call_and_stops_on_the_first_
                          [("ddim", 5)], [0.0], [1.0], 16), "model.num_classes=0"),
     (lambda c: qvt.load_config("configs/tiny.py", ["--config.model.chh=16"]), 'Did you mean "ch"'),
     (lambda c: qvt.load_config("configs/tiny.py", ["--config.model.ch=wide"]), "invalid literal"),
+    (lambda c: qvt.prepare(tiny_config(**{"optim.decay_steps": 6}), max_steps=100),
+     "judged in mid-decay"),
 ])
 def test_bad_arguments_give_one_line_before_anything_is_built(bad, words):
     with pytest.raises(UserError) as info:
